@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine:
+#   make run    create/reuse .venv, install, run the main job
+#   make test   create/reuse .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	cd code/stage-09 && ../../$(PY) main.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	cd code/stage-09 && ../../$(PY) bench.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,308 @@
+"""A mini GPT in NumPy with exact, hand-written backward passes.
+
+    tokens (B, T)
+      -> embed_tokens + embed_positions            (B, T, D)
+      -> n_layers x Block:
+             x = x + self_attn(ln_1(x))            causal, optional prefix K/V
+             x = x + mlp(ln_2(x))                  fc1 -> GELU -> fc2
+      -> ln_f -> logits = h @ embed_tokens.weight.T (B, T, V)   (tied LM head)
+
+Module names follow Hugging Face OPT/LLaMA (``layers.0.self_attn.q_proj``), so
+``target_modules=["q_proj", "v_proj"]`` reads exactly as it does in ``peft``.
+Every PEFT method in this stage wraps one of these modules; none rewrites them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, softmax
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 64
+    context_length: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.0
+    dtype: type = np.float32
+
+    def __post_init__(self):
+        for field in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        d = dict(vars(self))
+        d["dtype"] = np.dtype(self.dtype).name
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        d = dict(d)
+        d["dtype"] = np.dtype(d.get("dtype", "float32")).type
+        return cls(**d)
+
+
+def _normal_linear(d_in, d_out, rng, dtype, std=0.02):
+    """GPT-2 initialisation: weights N(0, std^2), biases zero."""
+    layer = Linear(d_in, d_out, rng=rng, dtype=dtype)
+    layer.weight = (rng.standard_normal((d_out, d_in)) * std).astype(dtype)
+    layer.bias = np.zeros(d_out, dtype=dtype)
+    return layer
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention with optional key/value prefixes.
+
+    ``prefix = (prefix_k, prefix_v)``, each ``(P, H, d_head)`` (shared by the batch)
+    or ``(B, P, H, d_head)``, is prepended to the keys and values. Every query may
+    attend to every prefix slot (prefixes are never causally masked, nor hidden by
+    the padding mask); among the real tokens the usual causal mask applies.
+    After ``backward`` the prefix gradient is in ``self.prefix_grad`` (same shapes).
+    """
+
+    def __init__(self, config: GPTConfig, rng):
+        super().__init__()
+        D, dt = config.d_model, config.dtype
+        self.n_heads, self.d_head = config.n_heads, config.d_head
+        self.scale = 1.0 / math.sqrt(self.d_head)
+        self.q_proj = _normal_linear(D, D, rng, dt)
+        self.k_proj = _normal_linear(D, D, rng, dt)
+        self.v_proj = _normal_linear(D, D, rng, dt)
+        self.out_proj = _normal_linear(D, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers))
+        self.prefix_grad = None
+
+    def _split(self, t, B, T):
+        return t.reshape(B, T, self.n_heads, self.d_head).transpose(0, 2, 1, 3)  # (B, H, T, dh)
+
+    @staticmethod
+    def build_mask(T, P, attention_mask=None):
+        """Boolean ``(B|1, 1, T, P+T)``: True where a query may look."""
+        causal = np.tril(np.ones((T, T), dtype=bool))
+        allowed = np.concatenate([np.ones((T, P), dtype=bool), causal], axis=1)[None, None]
+        if attention_mask is not None:                      # hide padded keys
+            keys = np.concatenate([np.ones((attention_mask.shape[0], P), dtype=bool),
+                                   attention_mask.astype(bool)], axis=1)
+            allowed = allowed & keys[:, None, None, :]
+        return allowed
+
+    def forward(self, x, attention_mask=None, prefix=None):
+        B, T, D = x.shape
+        q = self._split(self.q_proj(x), B, T)               # (B, H, T, dh)
+        k = self._split(self.k_proj(x), B, T)               # (B, H, T, dh)
+        v = self._split(self.v_proj(x), B, T)               # (B, H, T, dh)
+        P = 0
+        self.prefix_batched = False
+        if prefix is not None:
+            pk, pv = prefix
+            P = pk.shape[-3]
+            self.prefix_batched = pk.ndim == 4
+            pk = np.broadcast_to(pk.swapaxes(-3, -2), (B, self.n_heads, P, self.d_head))
+            pv = np.broadcast_to(pv.swapaxes(-3, -2), (B, self.n_heads, P, self.d_head))
+            k = np.concatenate([pk.astype(k.dtype), k], axis=2)    # (B, H, P+T, dh)
+            v = np.concatenate([pv.astype(v.dtype), v], axis=2)    # (B, H, P+T, dh)
+        scores = q @ k.swapaxes(-1, -2)                     # (B, H, T, P+T)
+        scores *= self.scale
+        allowed = self.build_mask(T, P, attention_mask)
+        np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
+        att = softmax(scores)                               # (B, H, T, P+T)
+        y = att @ v                                         # (B, H, T, dh)
+        self.q, self.k, self.v, self.att, self.P = q, k, v, att, P
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, D)        # (B, T, D)
+        return self.out_proj(y)
+
+    def backward(self, dout):
+        B, T, D = dout.shape
+        q, k, v, att, P = self.q, self.k, self.v, self.att, self.P
+        dy = self._split(self.out_proj.backward(dout), B, T)   # (B, H, T, dh)
+        datt = dy @ v.swapaxes(-1, -2)                      # (B, H, T, P+T)
+        dv = att.swapaxes(-1, -2) @ dy                      # (B, H, P+T, dh)
+        # softmax backward: dscores = att * (datt - sum(datt * att))
+        datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
+        dscores = att * datt
+        dscores *= self.scale
+        dq = dscores @ k                                    # (B, H, T, dh)
+        dk = dscores.swapaxes(-1, -2) @ q                   # (B, H, P+T, dh)
+        if P:
+            dpk, dpv = dk[:, :, :P].swapaxes(1, 2), dv[:, :, :P].swapaxes(1, 2)  # (B, P, H, dh)
+            if not self.prefix_batched:
+                dpk, dpv = dpk.sum(0), dpv.sum(0)           # (P, H, dh)
+            self.prefix_grad = (dpk, dpv)
+            dk, dv = dk[:, :, P:], dv[:, :, P:]
+        merge = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, D)  # noqa: E731
+        dx = self.q_proj.backward(merge(dq))
+        dx += self.k_proj.backward(merge(dk))
+        dx += self.v_proj.backward(merge(dv))
+        return dx
+
+
+class MLP(Module):
+    def __init__(self, config: GPTConfig, rng):
+        super().__init__()
+        D, dt = config.d_model, config.dtype
+        self.fc1 = _normal_linear(D, 4 * D, rng, dt)
+        self.act = GELU()
+        self.fc2 = _normal_linear(4 * D, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))              # (B, T, D)
+
+    def backward(self, dout):
+        return self.fc1.backward(self.act.backward(self.fc2.backward(dout)))
+
+
+class Block(Module):
+    """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTConfig, rng):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.d_model, dtype=config.dtype)
+        self.self_attn = CausalSelfAttention(config, rng)
+        self.drop_1 = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
+        self.ln_2 = LayerNorm(config.d_model, dtype=config.dtype)
+        self.mlp = MLP(config, rng)
+        self.drop_2 = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
+
+    def forward(self, x, attention_mask=None, prefix=None):
+        x = x + self.drop_1(self.self_attn(self.ln_1(x), attention_mask=attention_mask, prefix=prefix))
+        return x + self.drop_2(self.mlp(self.ln_2(x)))
+
+    def backward(self, dout):
+        dx = dout + self.ln_2.backward(self.mlp.backward(self.drop_2.backward(dout)))
+        return dx + self.ln_1.backward(self.self_attn.backward(self.drop_1.backward(dx)))
+
+
+class GPT(Module):
+    """The mini GPT. ``forward(tokens)`` -> logits ``(B, T, vocab_size)``.
+
+    The forward pass is split in two halves so PEFT methods can reach the seam:
+    ``embed`` (ids -> vectors) and ``forward_embeds`` (vectors -> logits).
+    ``backward`` mirrors it and returns the gradient w.r.t. the embedding output.
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        rng = np.random.default_rng(seed)
+        dt = config.dtype
+        self.embed_tokens = Embedding(config.vocab_size, config.d_model, rng=rng, dtype=dt)
+        self.embed_positions = Embedding(config.context_length, config.d_model, rng=rng, dtype=dt)
+        self.drop = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
+        self.layers = ModuleList(Block(config, rng) for _ in range(config.n_layers))
+        self.ln_f = LayerNorm(config.d_model, dtype=dt)
+
+    # ---- input checks ----------------------------------------------------
+    def check_tokens(self, tokens, extra_positions: int = 0):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got rank {tokens.ndim} "
+                             f"shape {tokens.shape}; for one sequence use tokens[None]")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        T, limit = tokens.shape[1] + extra_positions, self.config.context_length
+        if T > limit:
+            raise ValueError(f"sequence length {T} exceeds context_length {limit}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            bad = tokens.min() if tokens.min() < 0 else tokens.max()
+            raise ValueError(f"token id {bad} out of range: valid ids are 0..{self.config.vocab_size - 1}")
+        return tokens
+
+    @staticmethod
+    def check_mask(attention_mask, shape):
+        if attention_mask is None:
+            return None
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.shape != tuple(shape):
+            raise ValueError(f"attention_mask shape {attention_mask.shape} must equal "
+                             f"the tokens' shape {tuple(shape)}")
+        return attention_mask
+
+    # ---- forward ---------------------------------------------------------
+    def embed(self, tokens, position_ids=None):
+        """Token + position embeddings ``(B, T, D)``; positions default to ``0..T-1``."""
+        tokens = self.check_tokens(tokens)
+        T = tokens.shape[1]
+        position_ids = np.arange(T) if position_ids is None else np.asarray(position_ids)
+        x = self.embed_tokens(tokens) + self.embed_positions(position_ids)   # (B, T, D)
+        return self.drop(x)
+
+    def forward_embeds(self, x, attention_mask=None, prefixes=None):
+        """Run the blocks, final LayerNorm and tied head on embeddings ``x (B, T, D)``."""
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"embeddings must be (batch, seq, {self.config.d_model}), got {x.shape}")
+        if x.shape[1] > self.config.context_length:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds context_length "
+                             f"{self.config.context_length}")
+        for i, block in enumerate(self.layers):
+            x = block(x, attention_mask=attention_mask,
+                      prefix=None if prefixes is None else prefixes[i])
+        self.h = self.ln_f(x)                               # (B, T, D)
+        return self.h @ self.embed_tokens.weight.T          # (B, T, V)
+
+    def forward(self, tokens, attention_mask=None, prefixes=None, position_ids=None):
+        tokens = self.check_tokens(tokens)
+        attention_mask = self.check_mask(attention_mask, tokens.shape)
+        return self.forward_embeds(self.embed(tokens, position_ids), attention_mask, prefixes)
+
+    # ---- backward --------------------------------------------------------
+    def backward_embeds(self, dlogits):
+        """Backward through head, ``ln_f`` and blocks; returns dL/dx ``(B, T, D)``."""
+        V, D = self.config.vocab_size, self.config.d_model
+        if self.embed_tokens.wants_grad("weight"):          # the tied head's share
+            self.embed_tokens._accumulate(
+                "weight", dlogits.reshape(-1, V).T @ self.h.reshape(-1, D))
+        dx = self.ln_f.backward(dlogits @ self.embed_tokens.weight)   # (B, T, D)
+        for block in reversed(self.layers):
+            dx = block.backward(dx)
+        return dx
+
+    def backward_embed(self, dx):
+        """Backward into the token and position embedding tables."""
+        dx = self.drop.backward(dx)
+        self.embed_tokens.backward(dx)
+        if self.embed_positions.wants_grad("weight"):
+            per_batch = self.embed_positions.ids.ndim == 2   # position_ids (B, T) or (T,)
+            self.embed_positions.backward(dx if per_batch else dx.sum(0))
+
+    def backward(self, dlogits):
+        """Fill every trainable gradient; return dL/d(embedding output)."""
+        dx = self.backward_embeds(dlogits)
+        self.backward_embed(dx)
+        return dx
+
+    # ---- generation ------------------------------------------------------
+    def generate(self, tokens, max_new_tokens, eos_id=None, forward=None):
+        """Greedy decoding. Returns only the new tokens ``(B, <= max_new_tokens)``.
+
+        ``forward`` lets a PEFT wrapper decode through itself. Sequences that
+        reached ``eos_id`` keep emitting it.
+        """
+        forward = forward or self.forward
+        seq = np.asarray(tokens)
+        done = np.zeros(seq.shape[0], dtype=bool)
+        out = []
+        for _ in range(max_new_tokens):
+            logits = forward(seq[:, -self.config.context_length:])
+            nxt = logits[:, -1].argmax(-1)
+            if eos_id is not None:
+                nxt = np.where(done, eos_id, nxt)
+                done |= nxt == eos_id
+            out.append(nxt)
+            seq = np.concatenate([seq, nxt[:, None]], axis=1)
+            if eos_id is not None and done.all():
+                break
+        return np.stack(out, axis=1) if out else np.zeros((seq.shape[0], 0), dtype=int)

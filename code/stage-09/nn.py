@@ -1,0 +1,378 @@
+"""The module protocol and the layers every model in Stage 9 is built from.
+
+The protocol (one mechanism for every module, PEFT wrappers included):
+
+* ``forward(x)`` computes the output and keeps on the module what ``backward``
+  needs. ``backward(dout)`` returns ``dx`` and *adds* (``+=``) into the gradient
+  of every trainable parameter. Neither ever modifies ``dout`` or a cache in place.
+* Parameters are plain ``np.ndarray`` attributes listed in ``param_names``.
+  The gradient of parameter ``X`` lives in the attribute ``X_grad``.
+* Every parameter has a trainable flag. A frozen parameter gets no gradient
+  and its gradient matmul is skipped -- that skipped matmul is exactly the compute
+  PEFT saves -- but its module still returns ``dx`` so earlier layers learn.
+* A model is a tree of modules; parameters are addressed by dotted names such as
+  ``layers.0.self_attn.q_proj.weight``. Saving, counting, freezing and the
+  optimizers all walk these names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+
+class Module:
+    """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
+
+    param_names: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.training = True
+        self.frozen: set[str] = set()
+
+    # ---- traversal -------------------------------------------------------
+    def children(self) -> Iterator[tuple[str, "Module"]]:
+        """Direct sub-modules, in the order they were assigned."""
+        for name, value in vars(self).items():
+            if isinstance(value, Module) and not name.startswith("_"):
+                yield name, value
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self.children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def own_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.param_names:
+            value = getattr(self, name, None)
+            if value is not None:
+                yield name, value
+
+    def named_parameters(self, prefix: str = "", trainable_only: bool = False):
+        """Yield ``(dotted_name, array)`` for every parameter below this module."""
+        for path, module in self.named_modules(prefix):
+            for name, value in module.own_parameters():
+                if trainable_only and name in module.frozen:
+                    continue
+                yield (f"{path}.{name}" if path else name), value
+
+    def parameters(self, trainable_only: bool = False) -> list[np.ndarray]:
+        return [p for _, p in self.named_parameters(trainable_only=trainable_only)]
+
+    def get_submodule(self, path: str) -> "Module":
+        module = self
+        for part in path.split(".") if path else []:
+            child = getattr(module, part, None)
+            if not isinstance(child, Module):
+                known = [n for n, _ in self.named_modules() if n]
+                raise AttributeError(f"no submodule {path!r} (stuck at {part!r}); "
+                                     f"modules are: {', '.join(known)}")
+            module = child
+        return module
+
+    def get_parameter(self, name: str) -> np.ndarray:
+        path, _, attr = name.rpartition(".")
+        module = self.get_submodule(path)
+        if attr not in module.param_names:
+            raise AttributeError(f"{path or 'model'} has no parameter {attr!r}; "
+                                 f"it has {list(module.param_names)}")
+        return getattr(module, attr)
+
+    def get_grad(self, name: str):
+        path, _, attr = name.rpartition(".")
+        return getattr(self.get_submodule(path), attr + "_grad", None)
+
+    # ---- trainable flags -------------------------------------------------
+    def is_trainable(self, name: str) -> bool:
+        return name not in self.frozen
+
+    def requires_grad_(self, flag: bool = True, names=None) -> "Module":
+        """Set the trainable flag of this module's own parameters (all or ``names``)."""
+        for name in names if names is not None else self.param_names:
+            if name not in self.param_names:
+                raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
+            if flag:
+                self.frozen.discard(name)
+            else:
+                self.frozen.add(name)
+                setattr(self, name + "_grad", None)
+        return self
+
+    def freeze(self) -> "Module":
+        """Freeze every parameter below this module (no gradients, still returns dx)."""
+        for _, module in self.named_modules():
+            module.requires_grad_(False)
+        return self
+
+    def unfreeze(self) -> "Module":
+        for _, module in self.named_modules():
+            module.requires_grad_(True)
+        return self
+
+    def zero_grad(self) -> None:
+        """Gradients of trainable parameters become zeros; frozen ones stay ``None``."""
+        for _, module in self.named_modules():
+            for name, value in module.own_parameters():
+                trainable = name not in module.frozen
+                setattr(module, name + "_grad", np.zeros_like(value) if trainable else None)
+
+    def _accumulate(self, name: str, grad: np.ndarray) -> None:
+        """``X_grad += grad`` (allocating on first use)."""
+        current = getattr(self, name + "_grad", None)
+        if current is None or current.shape != grad.shape:
+            setattr(self, name + "_grad", grad.astype(getattr(self, name).dtype, copy=True))
+        else:
+            current += grad
+
+    def wants_grad(self, name: str) -> bool:
+        return name not in self.frozen and getattr(self, name, None) is not None
+
+    # ---- modes -----------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def astype(self, dtype) -> "Module":
+        """Cast every parameter (e.g. to float64 for gradient checks)."""
+        for _, module in self.named_modules():
+            for name, value in module.own_parameters():
+                setattr(module, name, value.astype(dtype))
+                setattr(module, name + "_grad", None)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class ModuleList(Module):
+    """A list of modules whose children are named ``0``, ``1``, ..."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self._items = list(modules)
+
+    def children(self):
+        for i, m in enumerate(self._items):
+            yield str(i), m
+
+    def __getattr__(self, name):
+        if name.isdigit() and "_items" in self.__dict__ and int(name) < len(self._items):
+            return self._items[int(name)]
+        raise AttributeError(name)
+
+    def __setitem__(self, i, module):
+        self._items[i] = module
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __len__(self):
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+
+def set_submodule(root: Module, path: str, module: Module) -> None:
+    """Replace the module at dotted ``path`` (used by PEFT wrappers)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path)
+    if isinstance(parent, ModuleList):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+class Linear(Module):
+    """``y = x @ W.T + b`` with ``W`` of shape ``(out_features, in_features)``.
+
+    Initialised like PyTorch: uniform in ``±1/sqrt(in_features)``.
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        bound = 1.0 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype)
+        self.bias = rng.uniform(-bound, bound, out_features).astype(dtype) if bias else None
+
+    def forward(self, x):
+        self.x = x                                          # (..., in)
+        y = x @ self.weight.T                               # (..., out)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def backward(self, dout):
+        x2 = self.x.reshape(-1, self.in_features)           # (N, in)
+        d2 = dout.reshape(-1, self.out_features)            # (N, out)
+        if self.wants_grad("weight"):                       # skipped when frozen
+            self._accumulate("weight", d2.T @ x2)           # (out, in)
+        if self.wants_grad("bias"):
+            self._accumulate("bias", d2.sum(0))             # (out,)
+        return dout @ self.weight                           # (..., in)
+
+
+class Embedding(Module):
+    """Row lookup ``weight[ids]``; backward scatters rows back with ``np.add.at``."""
+
+    param_names = ("weight",)
+
+    def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32, std=0.02):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = (rng.standard_normal((num_embeddings, dim)) * std).astype(dtype)
+
+    def forward(self, ids):
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise ValueError(f"index {bad} out of range for an embedding of "
+                             f"{self.num_embeddings} rows (valid: 0..{self.num_embeddings - 1})")
+        self.ids = ids
+        return self.weight[ids]                             # (*ids.shape, dim)
+
+    def backward(self, dout):
+        if self.wants_grad("weight"):
+            grad = np.zeros_like(self.weight)
+            np.add.at(grad, self.ids.reshape(-1), dout.reshape(-1, self.dim))
+            self._accumulate("weight", grad)
+        return None  # integer ids have no gradient
+
+
+class LayerNorm(Module):
+    """Normalise the last axis to mean 0, variance 1, then scale and shift.
+
+    Backward (forward was ``xhat = (x - mu) * rstd; y = xhat * w + b``):
+    ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, dim, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = np.ones(dim, dtype=dtype)
+        self.bias = np.zeros(dim, dtype=dtype)
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdims=True)                      # (..., 1)
+        xc = x - mu                                         # (..., D)
+        var = np.einsum("...i,...i->...", xc, xc)[..., None] / self.dim
+        self.rstd = 1.0 / np.sqrt(var + self.eps)           # (..., 1)
+        self.xhat = xc * self.rstd                          # (..., D)
+        return self.xhat * self.weight + self.bias          # (..., D)
+
+    def backward(self, dout):
+        xhat, D = self.xhat, self.dim
+        if self.wants_grad("weight"):
+            self._accumulate("weight", (dout * xhat).reshape(-1, D).sum(0))
+        if self.wants_grad("bias"):
+            self._accumulate("bias", dout.reshape(-1, D).sum(0))
+        dxhat = dout * self.weight                          # (..., D)
+        proj = np.einsum("...i,...i->...", dxhat, xhat)[..., None] / D
+        mean = dxhat.mean(-1, keepdims=True)
+        return self.rstd * (dxhat - mean - xhat * proj)     # (..., D)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Module):
+    """GELU, tanh approximation (GPT-2's ``gelu_new``):
+    ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))`` with ``c = sqrt(2/pi)``.
+    """
+
+    def forward(self, x):
+        self.x = x
+        x2 = x * x                                          # x*x*x, never x**3: far faster
+        self.t = np.tanh(_GELU_C * x * (1.0 + 0.044715 * x2))
+        return 0.5 * x * (1.0 + self.t)
+
+    def backward(self, dout):
+        x, t = self.x, self.t
+        dinner = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+        return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        self.mask = x > 0
+        return x * self.mask
+
+    def backward(self, dout):
+        return dout * self.mask
+
+
+class Dropout(Module):
+    """Inverted dropout: zero with probability ``p`` and scale the rest by ``1/(1-p)``
+    during training, so evaluation needs no rescaling. Identity in ``eval()``."""
+
+    def __init__(self, p=0.0, rng=None):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        self.p = p
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self.mask = None
+            return x
+        self.mask = (self.rng.random(x.shape) >= self.p).astype(x.dtype) / (1.0 - self.p)
+        return x * self.mask
+
+    def backward(self, dout):
+        return dout if self.mask is None else dout * self.mask
+
+
+ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax (subtracts the row max)."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean token cross-entropy and its gradient.
+
+    logits ``(..., V)``, targets ``(...)`` of ints; positions whose target equals
+    ``ignore_index`` add nothing. The loss is averaged over the other positions
+    (as ``torch.nn.functional.cross_entropy``). Returns ``(loss, dlogits)``.
+    """
+    logits = np.asarray(logits)
+    targets = np.asarray(targets)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree: "
+                         f"targets must have shape {logits.shape[:-1]}")
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)                            # (N, V)
+    t = targets.reshape(-1)                                 # (N,)
+    keep = t != ignore_index
+    bad = t[keep & ((t < 0) | (t >= V))]
+    if bad.size:
+        raise ValueError(f"target {bad[0]} out of range for {V} classes")
+    count = max(int(keep.sum()), 1)
+    shifted = flat - flat.max(-1, keepdims=True)            # log-sum-exp trick
+    logsumexp = np.log(np.exp(shifted).sum(-1, keepdims=True))
+    logp = shifted - logsumexp                              # (N, V)
+    safe_t = np.where(keep, t, 0)
+    nll = -logp[np.arange(len(t)), safe_t]
+    loss = float((nll * keep).sum() / count)
+    dlogits = np.exp(logp)
+    dlogits[np.arange(len(t)), safe_t] -= 1.0
+    dlogits *= (keep / count)[:, None].astype(flat.dtype)
+    return loss, dlogits.reshape(logits.shape).astype(logits.dtype, copy=False)
