@@ -1,0 +1,125 @@
+"""Counting parameters and bytes: the arithmetic behind "why PEFT".
+
+Two kinds of numbers live here:
+
+* closed-form estimates for models we cannot run (7B, 70B, 175B): the course's
+  tables, reproduced by ``estimate_finetune_memory`` and ``compare_peft_methods``;
+* real byte counts of the arrays a model and its optimizer hold, by
+  ``memory_report`` -- measured, not estimated.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
+         "int8": 1, "int4": 0.5, "nf4": 0.5}
+# Optimizer state bytes per trainable parameter (moments kept in fp32).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd_momentum": 4, "sgd": 0}
+
+
+def count_trainable_parameters(arrays) -> int:
+    """Total number of elements in a list of trainable arrays."""
+    return int(sum(np.asarray(a).size for a in arrays))
+
+
+def count_frozen_parameters(arrays) -> int:
+    """Total number of elements in a list of frozen arrays."""
+    return int(sum(np.asarray(a).size for a in arrays))
+
+
+def compute_parameter_efficiency(trainable, total) -> dict:
+    if total <= 0 or trainable < 0:
+        raise ValueError(f"need total > 0 and trainable >= 0, got trainable={trainable}, total={total}")
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_ratio": trainable / total,
+            "efficiency_gain": total / trainable if trainable else float("inf")}
+
+
+def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
+                         adapter_bottleneck=64, prefix_length=10, prompt_length=20) -> dict:
+    """Trainable parameters of each method, counted the course's way.
+
+    Full fine-tuning counts the attention weights only (4 d^2 per layer), the
+    base the others are compared against. LoRA sits on Q and V; adapters are two
+    per layer without biases; prefix tuning stores keys and values per layer.
+    """
+    d_head = d_model // num_heads
+    full = num_layers * 4 * d_model * d_model
+    rows = {
+        "full_fine_tuning": (full, "update every attention weight"),
+        "lora": (num_layers * 2 * lora_rank * 2 * d_model,
+                 f"rank-{lora_rank} updates B A on W_q and W_v"),
+        "adapters": (num_layers * 2 * 2 * d_model * adapter_bottleneck,
+                     f"two {d_model}->{adapter_bottleneck}->{d_model} bottlenecks per layer"),
+        "prefix_tuning": (num_layers * 2 * prefix_length * num_heads * d_head,
+                          f"{prefix_length} learned keys and values per layer"),
+        "prompt_tuning": (prompt_length * d_model,
+                          f"{prompt_length} soft-prompt vectors at the input"),
+    }
+    return {name: {"params": p, "ratio": p / full, "description": desc}
+            for name, (p, desc) in rows.items()}
+
+
+def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer="adamw",
+                             trainable_params=None, mixed_precision=False) -> dict:
+    """Bytes needed to fine-tune (weights + gradients + optimizer state; no activations).
+
+    * ``method="full"``: every parameter has a gradient and optimizer state.
+      With ``mixed_precision`` (fp16/bf16 weights and gradients, an fp32 master
+      copy, fp32 Adam moments) that is 2 + 2 + 4 + 8 = 16 bytes per parameter.
+    * ``method`` any PEFT name (``"lora"``, ...): the base is frozen in ``dtype``
+      (``"nf4"`` for QLoRA: 0.5 byte, ignoring block constants); only
+      ``trainable_params`` have fp32 gradients and optimizer state.
+
+    Returns a dict of byte counts and the total in GB (1e9 bytes).
+    """
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(BYTES)}")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_BYTES)}")
+    w = BYTES[dtype]
+    opt = OPTIMIZER_STATE_BYTES[optimizer]
+    if method == "full":
+        weights = num_params * w
+        grads = num_params * w
+        master = num_params * 4 if mixed_precision else 0
+        states = num_params * opt
+        trainable = num_params
+    else:
+        if trainable_params is None:
+            raise ValueError(f"method={method!r} needs trainable_params (the adapter's size)")
+        weights = num_params * w + trainable_params * 4
+        grads = trainable_params * 4
+        master = 0
+        states = trainable_params * opt
+        trainable = trainable_params
+    total = weights + grads + master + states
+    return {"weights": weights, "gradients": grads, "master_weights": master,
+            "optimizer_states": states, "total": total, "total_gb": total / 1e9,
+            "trainable_params": trainable,
+            "bytes_per_param": total / num_params}
+
+
+def memory_report(model, optimizer=None) -> dict:
+    """Real bytes held now: frozen weights, trainable weights, gradients, optimizer state.
+
+    Quantized layers report their packed storage (``stored_nbytes``), not the
+    float weight they dequantize to.
+    """
+    frozen = trainable = grads = 0
+    for path, module in model.named_modules():
+        stored = getattr(module, "stored_nbytes", None)
+        if stored is not None:
+            frozen += stored()
+        for name, value in module.own_parameters():
+            if name in module.frozen:
+                frozen += value.nbytes
+            else:
+                trainable += value.nbytes
+            g = getattr(module, name + "_grad", None)
+            if g is not None:
+                grads += g.nbytes
+    state = optimizer.state_nbytes() if optimizer is not None else 0
+    return {"frozen_weights": frozen, "trainable_weights": trainable, "gradients": grads,
+            "optimizer_state": state, "trainable_state": trainable + grads + state,
+            "total": frozen + trainable + grads + state}
