@@ -104,12 +104,24 @@ class LoRALayer(Module):
         """Gradient w.r.t. ``x`` through both paths; sets ``A_grad``, ``B_grad``, never W's."""
         return grad_output @ self.W + self.delta_backward(grad_output)
 
+    # how a wrapping LoRALinear uses the update (DoRA overrides these three)
+    def adapt(self, x, base_out, layer):
+        """The adapted output given the frozen layer's output: ``base_out + delta(x)``."""
+        return base_out + self.delta(x)
+
+    def adapt_backward(self, dout):
+        """``(gradient for the frozen layer's output, dx through the LoRA path)``."""
+        return dout, self.delta_backward(dout)
+
     def delta_weight(self):
         """The update as a dense ``(out, in)`` matrix: ``scaling * B @ A``."""
         return self.scaling * (self.B @ self.A)
 
     def merge_weights(self, W):
-        return W + self.delta_weight()
+        return W + self.delta_weight().astype(W.dtype)
+
+    def unmerge_weights(self, W_merged):
+        return W_merged - self.delta_weight().astype(W_merged.dtype)
 
     def num_parameters(self):
         return self.A.size + self.B.size
@@ -139,6 +151,7 @@ class LoRALinear(Module):
     """
 
     adapter_attr = "lora"
+    peft_type = "LORA"
 
     def __init__(self, weight, bias=None, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
                  init_lora_weights=True, use_rslora=False, rng=None):
@@ -175,14 +188,14 @@ class LoRALinear(Module):
     def forward(self, x):
         y = self.base_layer(x)                              # (..., out) frozen path
         if self.active():
-            y = y + self.lora.delta(x)                      # (..., out) low-rank path
+            y = self.lora.adapt(x, y, self)                 # + low-rank path
         return y
 
     def backward(self, grad_output):
-        dx = self.base_layer.backward(grad_output)          # dx only: W is frozen
-        if self.active():
-            dx = dx + self.lora.delta_backward(grad_output)
-        return dx
+        if not self.active():
+            return self.base_layer.backward(grad_output)    # dx only: W is frozen
+        d_base, dx_lora = self.lora.adapt_backward(grad_output)
+        return self.base_layer.backward(d_base) + dx_lora
 
     def merge(self):
         """The course's merge: ``(W + scaling * B @ A, bias)`` without changing the layer."""
@@ -197,13 +210,13 @@ class LoRALinear(Module):
             raise ValueError(f"cannot merge into a {type(self.base_layer).__name__} in place "
                              f"(a quantized weight cannot hold the update exactly); "
                              f"use merge_and_unload(), which returns a float model")
-        self.base_layer.weight += self.lora.delta_weight().astype(self.weight.dtype)
+        self.base_layer.weight[...] = self.lora.merge_weights(self.weight)
         self.merged = True
 
     def unmerge_in_place(self):
         if not self.merged:
             raise ValueError("this LoRA layer is not merged; nothing to unmerge")
-        self.base_layer.weight -= self.lora.delta_weight().astype(self.weight.dtype)
+        self.base_layer.weight[...] = self.lora.unmerge_weights(self.weight)
         self.merged = False
 
     def parameters(self, trainable_only=False):

@@ -1,0 +1,213 @@
+"""PEFT configurations, named and shaped like Hugging Face ``peft``'s.
+
+A config is a dataclass that says *what* to train; ``peft_model.get_peft_model``
+does the wrapping. Every config validates itself on construction and raises
+``ValueError`` naming the field and the bad value. ``to_dict``/``from_dict`` give
+the ``adapter_config.json`` written next to saved adapter weights.
+
+Configs marked "not in Hugging Face peft" (bottleneck adapters, BitFit, full
+fine-tuning) exist so the comparison runner can treat every method alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]          # Hugging Face's default for OPT
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+CONFIG_TYPES: dict[str, type] = {}
+
+
+def _positive_int(cls_name, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{cls_name}.{name} must be a positive integer, got {name}={value!r}")
+
+
+def _choice(cls_name, name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{cls_name}.{name} must be one of {list(allowed)}, got {name}={value!r}")
+
+
+@dataclass
+class PeftConfig:
+    peft_type: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    # which part of the model the method touches; two methods may share a model
+    # only if their touch points differ (e.g. LoRA + prompt tuning)
+    touch_point: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.peft_type:
+            CONFIG_TYPES[cls.peft_type] = cls
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        pass
+
+    def to_dict(self) -> dict:
+        d = {"peft_type": self.peft_type}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "PeftConfig":
+        d = dict(d)
+        peft_type = d.pop("peft_type", None)
+        if peft_type not in CONFIG_TYPES:
+            raise ValueError(f"unknown peft_type {peft_type!r}; known: {sorted(CONFIG_TYPES)}")
+        cls = CONFIG_TYPES[peft_type]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al. 2021); ``use_rslora`` (Kalajdzievski 2023); ``use_dora`` (Liu et al. 2024).
+
+    ``bias``: ``"none"`` (no bias trains), ``"all"`` (every bias in the model
+    trains too), ``"lora_only"`` (biases of the adapted layers train).
+    """
+    peft_type: ClassVar[str] = "LORA"
+    mergeable: ClassVar[bool] = True
+    touch_point: ClassVar[str] = "linear"
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: object = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: object = True
+    layers_to_transform: object = None
+
+    def validate(self):
+        _positive_int("LoraConfig", "r", self.r)
+        if isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be > 0, got lora_alpha={self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), "
+                             f"got lora_dropout={self.lora_dropout!r}")
+        _choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
+        _choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        if self.target_modules is None:
+            self.target_modules = list(DEFAULT_LORA_TARGETS)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)3 (Liu et al. 2022): learned vectors that rescale activations.
+
+    Outputs of the non-feed-forward targets (``k_proj``, ``v_proj``) are scaled;
+    for ``feedforward_modules`` (``fc2``) the *input* is scaled, as in the paper.
+    """
+    peft_type: ClassVar[str] = "IA3"
+    mergeable: ClassVar[bool] = True
+    touch_point: ClassVar[str] = "linear"
+    target_modules: object = field(default_factory=lambda: ["k_proj", "v_proj", "fc2"])
+    feedforward_modules: object = field(default_factory=lambda: ["fc2"])
+    layers_to_transform: object = None
+
+    def validate(self):
+        if isinstance(self.target_modules, (list, tuple)) and isinstance(self.feedforward_modules,
+                                                                         (list, tuple)):
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                raise ValueError(f"IA3Config.feedforward_modules {extra} are not among "
+                                 f"target_modules {list(self.target_modules)}")
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021). Not in Hugging
+    Face ``peft`` (AdapterHub's ``adapters`` library has them).
+
+    ``placement``: ``"houlsby"`` (after attention and after the MLP, before each
+    residual add), ``"pfeiffer"`` (after the MLP only), ``"parallel"`` (beside each
+    sublayer, added to its output; He et al. 2022). Give ``bottleneck_size`` or
+    ``reduction_factor`` (bottleneck = d_model // reduction_factor).
+    """
+    peft_type: ClassVar[str] = "BOTTLENECK"
+    touch_point: ClassVar[str] = "sublayer"
+    bottleneck_size: object = None
+    reduction_factor: object = None
+    activation: str = "relu"
+    placement: str = "houlsby"
+    bias: bool = True
+
+    def validate(self):
+        _choice("BottleneckConfig", "placement", self.placement, ("houlsby", "pfeiffer", "parallel"))
+        _choice("BottleneckConfig", "activation", self.activation, ("relu", "gelu"))
+        if self.bottleneck_size is None and self.reduction_factor is None:
+            self.bottleneck_size = 16
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ValueError("BottleneckConfig: give bottleneck_size or reduction_factor, not both")
+        if self.bottleneck_size is not None:
+            _positive_int("BottleneckConfig", "bottleneck_size", self.bottleneck_size)
+        else:
+            _positive_int("BottleneckConfig", "reduction_factor", self.reduction_factor)
+
+
+@dataclass
+class PrefixTuningConfig(PeftConfig):
+    """Prefix tuning (Li & Liang 2021). With ``prefix_projection`` the table comes
+    from embedding -> Linear -> tanh -> Linear (§4.3), which trains more stably."""
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    touch_point: ClassVar[str] = "attention_kv"
+    num_virtual_tokens: int = 10
+    prefix_projection: bool = False
+    encoder_hidden_size: object = None
+
+    def validate(self):
+        _positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        if self.encoder_hidden_size is not None:
+            _positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+
+
+@dataclass
+class PromptTuningConfig(PeftConfig):
+    """Prompt tuning (Lester et al. 2021): a soft prompt before the token embeddings.
+
+    ``position_convention``: ``"keep"`` (our default: real tokens keep positions
+    0..T-1, the prompt gets no position embedding, so a small pretrained model sees
+    its tokens where it always saw them) or ``"shift"`` (Hugging Face: the prompt
+    takes positions 0..P-1 and the real tokens move to P..P+T-1).
+    """
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    touch_point: ClassVar[str] = "input_embeddings"
+    num_virtual_tokens: int = 10
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_token_ids: object = None
+    position_convention: str = "keep"
+
+    def validate(self):
+        _positive_int("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        _choice("PromptTuningConfig", "prompt_tuning_init", self.prompt_tuning_init,
+                ("RANDOM", "SAMPLE_VOCAB", "TEXT"))
+        _choice("PromptTuningConfig", "position_convention", self.position_convention,
+                ("keep", "shift"))
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_token_ids:
+            raise ValueError("PromptTuningConfig.prompt_tuning_init='TEXT' needs "
+                             "prompt_tuning_init_token_ids (a non-empty list of token ids)")
+        if self.prompt_tuning_init_token_ids is not None:
+            self.prompt_tuning_init_token_ids = [int(t) for t in self.prompt_tuning_init_token_ids]
+
+
+@dataclass
+class BitFitConfig(PeftConfig):
+    """BitFit (Ben Zaken et al. 2022): only bias terms train. Not in Hugging Face ``peft``."""
+    peft_type: ClassVar[str] = "BITFIT"
+    touch_point: ClassVar[str] = "biases"
+    include_layernorm: bool = True
+
+
+@dataclass
+class FullFineTuningConfig(PeftConfig):
+    """Every parameter trains (the baseline; not a PEFT method)."""
+    peft_type: ClassVar[str] = "FULL"
+    touch_point: ClassVar[str] = "everything"

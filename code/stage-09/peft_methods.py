@@ -1,0 +1,237 @@
+"""Where each PEFT method touches the mini GPT: one ``Method`` per config type.
+
+    LoRA           wraps each targeted Linear in ``peft.LoRALinear`` (slot ``lora``)
+    prefix tuning  ``PrefixEncoder`` feeds keys/values to every attention layer
+    prompt tuning  ``PromptEncoder`` prepends vectors to the token embeddings
+    BitFit         makes the biases trainable; adds nothing
+    full           makes everything trainable; adds nothing
+    (IA)3, bottleneck adapters: ``ia3.py``, ``bottleneck.py`` (registered below)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nn import LayerNorm, Linear
+from peft import LoRALayer, LoRALinear, PrefixTuning, PromptTuning
+from peft_config import (BitFitConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
+                         PromptTuningConfig)
+from peft_model import AdapterState, Method, register, wrap_or_reuse
+from targets import find_targets
+
+
+def linear_types():
+    """Module types a LoRA-like wrapper may wrap (float or 4-bit quantized linears)."""
+    try:
+        from quantization import QuantizedLinear
+        return (Linear, QuantizedLinear)
+    except ImportError:
+        return (Linear,)
+
+
+def find_linear_targets(model, target_modules, layers_to_transform, wrapper_cls):
+    """Targeted linears; a module already wrapped by ``wrapper_cls`` counts as its base."""
+    names = find_targets(model, target_modules, layers_to_transform,
+                         layer_types=linear_types() + (wrapper_cls,))
+    return [n for n in names if not n.endswith(".base_layer")]
+
+
+def bias_names(model, paths=None, include_layernorm=True):
+    """Dotted names of bias parameters (of the modules under ``paths`` if given)."""
+    names = []
+    for path, module in model.named_modules():
+        if paths is not None and not any(path == p or path.startswith(p + ".") for p in paths):
+            continue
+        if isinstance(module, LayerNorm) and not include_layernorm:
+            continue
+        if "bias" in module.param_names and getattr(module, "bias", None) is not None:
+            names.append(f"{path}.bias")
+    return names
+
+
+@register(LoraConfig)
+class LoraMethod(Method):
+    def inject(self, peft_model, config: LoraConfig, rng):
+        model = peft_model.base_model
+        state = AdapterState(config)
+        for path in find_linear_targets(model, config.target_modules, config.layers_to_transform,
+                                        LoRALinear):
+            wrapper = wrap_or_reuse(model, path, LoRALinear,
+                                    lambda base: LoRALinear(base, lora_rank=config.r, rng=rng))
+            state.slots[path] = make_lora_layer(wrapper, config, rng)
+        if config.bias == "all":
+            state.trainable = bias_names(model)
+        elif config.bias == "lora_only":
+            state.trainable = [f"{p}.base_layer.bias" for p in state.slots
+                               if model.get_submodule(p).bias is not None]
+        return state
+
+    def merge_and_unload_module(self, wrapper):
+        merged = Linear(wrapper.in_features, wrapper.out_features, bias=wrapper.bias is not None,
+                        dtype=wrapper.lora.A.dtype)
+        weight = wrapper.weight if wrapper.merged else wrapper.lora.merge_weights(wrapper.weight)
+        merged.weight = np.array(weight, dtype=wrapper.lora.A.dtype)
+        merged.bias = None if wrapper.bias is None else np.array(wrapper.bias)
+        return merged
+
+
+def make_lora_layer(wrapper, config: LoraConfig, rng):
+    dtype = wrapper.weight.dtype
+    cls = LoRALayer
+    if config.use_dora:
+        from dora import DoRALayer
+        cls = DoRALayer
+    layer = cls(wrapper.in_features, wrapper.out_features, config.r, config.lora_alpha,
+                config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                rng=rng, dtype=dtype)
+    if config.use_dora:
+        layer.init_magnitude(wrapper.weight)
+    return layer
+
+
+# ------------------------------------------------------------------ prefix tuning
+class PrefixEncoder(PrefixTuning):
+    """The course's ``PrefixTuning`` table, optionally produced by an MLP.
+
+    With ``prefix_projection`` (Li & Liang 2021, §4.3) the table is
+    ``tanh(E W1^T + b1) W2^T + b2`` reshaped to ``(L, 2, P, H, d_head)``, where
+    ``E (P, d_model)`` is a learned embedding. Optimising through the MLP is
+    more stable than optimising the table directly; after training,
+    ``collapse()`` evaluates the MLP once and keeps only the table.
+    """
+
+    param_names = ("prefix", "embedding")
+
+    def __init__(self, model_config, config: PrefixTuningConfig, rng):
+        c = model_config
+        super().__init__(c.n_layers, c.n_heads, c.d_head, config.num_virtual_tokens, rng=rng,
+                         dtype=c.dtype)
+        self.embedding = None
+        if config.prefix_projection:
+            hidden = config.encoder_hidden_size or c.d_model
+            self.embedding = (rng.standard_normal((config.num_virtual_tokens, c.d_model))
+                              ).astype(c.dtype)
+            self.mlp_in = Linear(c.d_model, hidden, rng=rng, dtype=c.dtype)
+            self.mlp_out = Linear(hidden, c.n_layers * 2 * c.d_model, rng=rng, dtype=c.dtype)
+            self.prefix = None
+
+    def table(self):
+        """``(L, 2, P, H, d_head)``: the stored table, or the MLP's output."""
+        if self.embedding is None:
+            return self.prefix
+        self.hidden = np.tanh(self.mlp_in(self.embedding))           # (P, hidden)
+        flat = self.mlp_out(self.hidden)                             # (P, L*2*D)
+        P, L, H, dh = self.prefix_length, self.num_layers, self.num_heads, self.d_head
+        return flat.reshape(P, L, 2, H, dh).transpose(1, 2, 0, 3, 4)  # (L, 2, P, H, dh)
+
+    def layer_prefixes(self, batch_size):
+        self._table = self.table()
+        return [(self._table[i, 0], self._table[i, 1]) for i in range(self.num_layers)]
+
+    def backward_from_layers(self, layers):
+        grad = np.zeros((self.num_layers, 2, self.prefix_length, self.num_heads, self.d_head),
+                        dtype=self._table.dtype)
+        for i, block in enumerate(layers):
+            grad[i, 0], grad[i, 1] = block.self_attn.prefix_grad
+        if self.embedding is None:
+            if self.wants_grad("prefix"):
+                self._accumulate("prefix", grad)
+            return
+        dflat = grad.transpose(2, 0, 1, 3, 4).reshape(self.prefix_length, -1)   # (P, L*2*D)
+        dhidden = self.mlp_out.backward(dflat) * (1.0 - self.hidden * self.hidden)
+        dembed = self.mlp_in.backward(dhidden)
+        if self.wants_grad("embedding"):
+            self._accumulate("embedding", dembed)
+
+    def collapse(self):
+        """Replace the MLP by the table it currently produces (same outputs, fewer parameters)."""
+        if self.embedding is not None:
+            self.prefix = np.ascontiguousarray(self.table())
+            self.embedding, self.mlp_in, self.mlp_out = None, None, None
+            self.requires_grad_(True, ["prefix"])
+
+
+@register(PrefixTuningConfig)
+class PrefixMethod(Method):
+    encoder_attr = "prefix_encoder"
+
+    def inject(self, peft_model, config, rng):
+        return AdapterState(config, encoder=PrefixEncoder(peft_model.base_model.config, config, rng))
+
+
+# ------------------------------------------------------------------ prompt tuning
+class PromptEncoder(PromptTuning):
+    """The course's ``PromptTuning`` plus the two position conventions.
+
+    ``"keep"``: the real tokens keep positions ``0..T-1`` and the prompt vectors get
+    no position embedding. ``"shift"`` (Hugging Face): the prompt sits at positions
+    ``0..P-1`` (its vectors get those position embeddings) and the real tokens move
+    to ``P..P+T-1``. A model pretrained only on sequences starting at position 0
+    has never seen its task tokens at shifted positions, so we keep by default.
+    """
+
+    def __init__(self, model, config: PromptTuningConfig, rng):
+        d, dtype = model.config.d_model, model.config.dtype
+        table = model.embed_tokens.weight
+        super().__init__(d, config.num_virtual_tokens, rng=rng, dtype=dtype)
+        P = config.num_virtual_tokens
+        if config.prompt_tuning_init == "SAMPLE_VOCAB":
+            self.prompt = table[rng.integers(0, table.shape[0], P)].astype(dtype, copy=True)
+        elif config.prompt_tuning_init == "TEXT":
+            ids = np.asarray(config.prompt_tuning_init_token_ids)
+            if ids.min() < 0 or ids.max() >= table.shape[0]:
+                raise ValueError(f"prompt_tuning_init_token_ids contain an id outside "
+                                 f"0..{table.shape[0] - 1}: {ids.tolist()}")
+            reps = math.ceil(P / len(ids))
+            self.prompt = table[np.tile(ids, reps)[:P]].astype(dtype, copy=True)
+        else:
+            self.prompt = (rng.standard_normal((P, d)) * float(table.std())).astype(dtype)
+        self.position_convention = config.position_convention
+
+    def embed_with_prompt(self, base, tokens, attention_mask):
+        P, T = self.prompt_length, tokens.shape[1]
+        if P + T > base.config.context_length:
+            raise ValueError(f"{P} virtual tokens + sequence length {T} = {P + T} exceeds "
+                             f"context_length {base.config.context_length}")
+        shift = self.position_convention == "shift"
+        x = base.embed(tokens, np.arange(P, P + T) if shift else None)   # (B, T, D)
+        full = self.forward(x)                                            # (B, P+T, D)
+        if shift:
+            full[:, :P] += base.embed_positions.weight[:P]
+        if attention_mask is not None:
+            ones = np.ones((tokens.shape[0], P), dtype=attention_mask.dtype)
+            attention_mask = np.concatenate([ones, attention_mask], axis=1)
+        return full, attention_mask
+
+    def backward_with_prompt(self, base, dx):
+        """Split dL/d(full input): prompt part into ``prompt_grad``; returns the tokens' part."""
+        P = self.prompt_length
+        if self.position_convention == "shift" and base.embed_positions.wants_grad("weight"):
+            grad = np.zeros_like(base.embed_positions.weight)
+            grad[:P] = dx[:, :P].sum(0)
+            base.embed_positions._accumulate("weight", grad)
+        return self.backward(dx)
+
+
+@register(PromptTuningConfig)
+class PromptMethod(Method):
+    encoder_attr = "prompt_encoder"
+
+    def inject(self, peft_model, config, rng):
+        return AdapterState(config, encoder=PromptEncoder(peft_model.base_model, config, rng))
+
+
+# --------------------------------------------------- parameter-selection methods
+@register(BitFitConfig)
+class BitFitMethod(Method):
+    def inject(self, peft_model, config, rng):
+        return AdapterState(config, trainable=bias_names(peft_model.base_model,
+                                                         include_layernorm=config.include_layernorm))
+
+
+@register(FullFineTuningConfig)
+class FullMethod(Method):
+    def inject(self, peft_model, config, rng):
+        return AdapterState(config, trainable=[n for n, _ in peft_model.base_model.named_parameters()])
+

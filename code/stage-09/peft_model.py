@@ -1,0 +1,354 @@
+"""``get_peft_model`` and ``PeftModel``: the Hugging Face-style API over the mini GPT.
+
+    model = GPT(config)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.print_trainable_parameters()
+    logits = peft_model(tokens); peft_model.backward(dlogits)   # only LoRA params get grads
+
+Each method plugs in through one ``Method`` object (registered per config type)
+that says where it touches the model (DESIGN.md's table):
+
+* layer methods (LoRA, DoRA, (IA)3, bottleneck adapters) wrap modules of the base
+  model; the wrapper keeps the base module as ``base_layer`` and exposes one
+  *slot* attribute (``lora``, ``ia3``, ``adapter``) holding the active adapter's
+  module, or ``None``. Several named adapters can live on one model; switching
+  swaps what sits in the slots.
+* model methods (prefix tuning, prompt tuning) own an encoder module that
+  ``PeftModel.forward`` calls at the embedding seam or inside attention.
+* parameter methods (BitFit, LoRA's ``bias`` modes, full fine-tuning) only
+  change which base parameters are trainable.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nn import Module, set_submodule
+from peft_config import PeftConfig, PromptTuningConfig  # noqa: F401 (re-exported)
+from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
+                         LoraConfig, PrefixTuningConfig)
+
+METHODS: dict[str, "Method"] = {}
+
+
+@dataclass
+class AdapterState:
+    """Everything one named adapter added to a model."""
+    config: PeftConfig
+    slots: dict = field(default_factory=dict)       # wrapper path -> module for its slot
+    encoder: Module | None = None                   # prefix / prompt encoder
+    trainable: list = field(default_factory=list)   # base parameter names it trains
+
+
+class Method:
+    """How one PEFT method attaches to a model. Subclasses fill ``inject``."""
+    encoder_attr = None                             # "prefix_encoder" / "prompt_encoder"
+
+    def inject(self, peft_model: "PeftModel", config, rng) -> AdapterState:
+        raise NotImplementedError
+
+    def merge_and_unload_module(self, wrapper):
+        """Return the plain module that replaces ``wrapper`` with the update folded in."""
+        raise ValueError(f"{type(self).__name__} cannot be merged into the weights")
+
+
+def register(config_cls):
+    def deco(method_cls):
+        METHODS[config_cls.peft_type] = method_cls()
+        return method_cls
+    return deco
+
+
+def wrap_or_reuse(model, path, wrapper_cls, make_wrapper):
+    """The wrapper at ``path``: the existing one, or a new one wrapping the module there."""
+    module = model.get_submodule(path)
+    if isinstance(module, wrapper_cls):
+        return module
+    wrapper = make_wrapper(module)
+    setattr(wrapper, wrapper.adapter_attr, None)     # slots are filled by set_adapter
+    set_submodule(model, path, wrapper)
+    return wrapper
+
+
+class PeftModel(Module):
+    """The base model with PEFT adapters; behaves like the base model.
+
+    Parameter names are the base model's (``layers.0.self_attn.q_proj.lora.A``,
+    ``prompt_encoder.prompt``), so ``named_parameters``, ``get_submodule``, the
+    optimizers and the checkpoints all work unchanged.
+    """
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name="default", seed=0):
+        super().__init__()
+        self.base_model = model
+        self.adapters: dict[str, AdapterState] = {}
+        self.active_adapters: list[str] = []
+        self._disabled = False
+        self.seed = seed
+        model.freeze()
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- the module tree: the base model's, plus active encoders -----------
+    def children(self):
+        yield from self.base_model.children()
+        for name in self.active_adapters:
+            enc = self.adapters[name].encoder
+            if enc is not None:
+                yield METHODS[self.adapters[name].config.peft_type].encoder_attr, enc
+
+    def __getattr__(self, name):
+        if name in ("base_model", "adapters", "active_adapters") or name.startswith("__"):
+            raise AttributeError(name)
+        for adapter in self.active_adapters:
+            state = self.adapters[adapter]
+            method = METHODS[state.config.peft_type]
+            if state.encoder is not None and method.encoder_attr == name:
+                return state.encoder
+        return getattr(self.base_model, name)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def peft_config(self) -> dict:
+        return {name: s.config for name, s in self.adapters.items()}
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def _encoder(self, attr):
+        if self._disabled:
+            return None
+        for name in self.active_adapters:
+            state = self.adapters[name]
+            if state.encoder is not None and METHODS[state.config.peft_type].encoder_attr == attr:
+                return state.encoder
+        return None
+
+    # ---- forward / backward ------------------------------------------------
+    def forward(self, tokens, attention_mask=None):
+        base = self.base_model
+        tokens = base.check_tokens(tokens)
+        attention_mask = base.check_mask(attention_mask, tokens.shape)
+        prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
+        self._prompt_len = 0
+        if prompt is None:
+            x = base.embed(tokens)
+        else:
+            x, attention_mask = prompt.embed_with_prompt(base, tokens, attention_mask)
+            self._prompt_len = prompt.prompt_length
+        prefixes = prefix.layer_prefixes(tokens.shape[0]) if prefix is not None else None
+        logits = base.forward_embeds(x, attention_mask, prefixes)
+        return logits[:, self._prompt_len:] if self._prompt_len else logits
+
+    def backward(self, dlogits):
+        if any(getattr(w, "merged", False) for _, w in self.wrappers()):
+            raise ValueError("cannot train while an adapter is merged into the weights; "
+                             "call unmerge_adapter() first")
+        base, P = self.base_model, self._prompt_len
+        if P:
+            B, T, V = dlogits.shape
+            dlogits = np.concatenate([np.zeros((B, P, V), dlogits.dtype), dlogits], axis=1)
+        dx = base.backward_embeds(dlogits)
+        prefix = self._encoder("prefix_encoder")
+        if prefix is not None:
+            prefix.backward_from_layers(base.layers)
+        prompt = self._encoder("prompt_encoder")
+        if P and prompt is not None:
+            dx = prompt.backward_with_prompt(base, dx)
+        base.backward_embed(dx)
+        return dx
+
+    def generate(self, tokens, max_new_tokens, eos_id=None):
+        limit = self.base_model.config.context_length - self._virtual_tokens()
+        return self.base_model.generate(tokens, max_new_tokens, eos_id,
+                                        forward=lambda t: self.forward(t[:, -limit:]))
+
+    def _virtual_tokens(self):
+        prompt = self._encoder("prompt_encoder")
+        return prompt.prompt_length if prompt is not None else 0
+
+    # ---- adapters: add, switch, delete --------------------------------------
+    def wrappers(self):
+        """``(path, wrapper)`` for every PEFT wrapper module in the base model."""
+        return [(p, m) for p, m in self.base_model.named_modules() if hasattr(m, "adapter_attr")]
+
+    def add_adapter(self, adapter_name, peft_config: PeftConfig):
+        if not isinstance(peft_config, PeftConfig):
+            raise ValueError(f"expected a PEFT config (LoraConfig, ...), got {type(peft_config).__name__}")
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; "
+                             f"adapters: {sorted(self.adapters)}")
+        for other, state in self.adapters.items():
+            same_place = state.config.touch_point == peft_config.touch_point
+            if same_place and state.config.peft_type != peft_config.peft_type:
+                raise ValueError(
+                    f"cannot mix {peft_config.peft_type} with {state.config.peft_type} "
+                    f"(adapter {other!r}) on one model: both wrap the same kind of module")
+        rng = np.random.default_rng([self.seed, len(self.adapters)])
+        active = list(self.active_adapters)
+        self._deactivate()
+        try:
+            self.adapters[adapter_name] = METHODS[peft_config.peft_type].inject(self, peft_config, rng)
+        finally:
+            self._activate(active)
+
+    def set_adapter(self, adapter_name):
+        """Make ``adapter_name`` (or a list of names with different touch points) active."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"unknown adapter {n!r}; known adapters: {sorted(self.adapters)}")
+        places = [self.adapters[n].config.touch_point for n in names]
+        if len(set(places)) != len(places):
+            raise ValueError(f"adapters {names} touch the same part of the model and cannot be "
+                             f"active together; combine LoRA adapters with add_weighted_adapter")
+        if any(getattr(w, "merged", False) for _, w in self.wrappers()):
+            raise ValueError("unmerge_adapter() before switching adapters")
+        self._deactivate()
+        self._activate(names)
+
+    def _deactivate(self):
+        for _, wrapper in self.wrappers():
+            setattr(wrapper, wrapper.adapter_attr, None)
+        self.base_model.freeze()
+        self.active_adapters = []
+
+    def _activate(self, names):
+        for n in names:
+            state = self.adapters[n]
+            for path, module in state.slots.items():
+                wrapper = self.base_model.get_submodule(path)
+                setattr(wrapper, wrapper.adapter_attr, module.train(self.training))
+            if state.encoder is not None:
+                state.encoder.train(self.training)
+            for pname in state.trainable:
+                path, _, attr = pname.rpartition(".")
+                self.base_model.get_submodule(path).requires_grad_(True, [attr])
+        self.active_adapters = list(names)
+
+    def delete_adapter(self, adapter_name):
+        if adapter_name not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter_name!r}; known adapters: {sorted(self.adapters)}")
+        if len(self.adapters) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to remove it")
+        active = [n for n in self.active_adapters if n != adapter_name]
+        self._deactivate()
+        del self.adapters[adapter_name]
+        self._unwrap_unused()
+        self._activate(active or [next(iter(self.adapters))])
+
+    def _unwrap_unused(self):
+        used = {p for s in self.adapters.values() for p in s.slots}
+        for path, wrapper in self.wrappers():
+            if path not in used:
+                set_submodule(self.base_model, path, wrapper.base_layer)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the block the model computes exactly the base model's outputs."""
+        wrappers = [w for _, w in self.wrappers()]
+        for w in wrappers:
+            w.disabled = True
+        self._disabled = True
+        try:
+            yield self
+        finally:
+            for w in wrappers:
+                w.disabled = False
+            self._disabled = False
+
+    # ---- merging -----------------------------------------------------------
+    def _mergeable_wrappers(self):
+        for name in self.active_adapters:
+            if not self.adapters[name].config.mergeable:
+                raise ValueError(f"adapter {name!r} ({self.adapters[name].config.peft_type}) "
+                                 f"cannot be merged into the weights")
+        return [w for _, w in self.wrappers() if getattr(w, w.adapter_attr) is not None]
+
+    def merge_adapter(self):
+        """Fold the active adapter into the base weights (no inference overhead)."""
+        for w in self._mergeable_wrappers():
+            w.merge_in_place()
+
+    def unmerge_adapter(self):
+        for w in self._mergeable_wrappers():
+            w.unmerge_in_place()
+
+    def merge_and_unload(self):
+        """Return the plain base model with the active adapter folded into its weights."""
+        wrappers = self._mergeable_wrappers() and self.wrappers()
+        for path, w in wrappers:
+            method = METHODS[type(w).peft_type]
+            replacement = (method.merge_and_unload_module(w) if getattr(w, w.adapter_attr) is not None
+                           else w.base_layer)
+            set_submodule(self.base_model, path, replacement)
+        return self.unload_model()
+
+    def unload(self):
+        """Return the base model without any adapter (nothing merged)."""
+        for path, w in self.wrappers():
+            if getattr(w, "merged", False):
+                w.unmerge_in_place()
+            set_submodule(self.base_model, path, w.base_layer)
+        return self.unload_model()
+
+    def unload_model(self):
+        model = self.base_model
+        model.unfreeze()
+        self.adapters, self.active_adapters = {}, []
+        return model
+
+    # ---- counting ----------------------------------------------------------
+    def get_nb_trainable_parameters(self):
+        trainable = total = 0
+        for _, module in self.named_modules():
+            total += getattr(module, "quantized_numel", 0)
+            for name, value in module.own_parameters():
+                total += value.size
+                trainable += 0 if name in module.frozen else value.size
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ---- saving and loading (see peft_io.py) -------------------------------
+    def adapter_state_dict(self, adapter_name=None):
+        from peft_io import adapter_state_dict
+        return adapter_state_dict(self, adapter_name)
+
+    def save_pretrained(self, directory, adapter_name=None):
+        from peft_io import save_pretrained
+        save_pretrained(self, directory, adapter_name)
+
+    def load_adapter(self, directory, adapter_name):
+        from peft_io import load_adapter
+        load_adapter(self, directory, adapter_name)
+
+    @classmethod
+    def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
+        from peft_io import from_pretrained
+        return from_pretrained(cls, model, directory, adapter_name, is_trainable)
+
+
+def get_peft_model(model, peft_config: PeftConfig, adapter_name="default", seed=0) -> PeftModel:
+    """Freeze ``model`` and attach a PEFT adapter described by ``peft_config``.
+
+    The model is modified in place (its targeted modules are wrapped); use
+    ``unload()`` or ``merge_and_unload()`` to get a plain model back.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use add_adapter() for another adapter")
+    import peft_methods  # noqa: F401  (registers every method)
+    return PeftModel(model, peft_config, adapter_name, seed)
+
+
+__all__ = ["get_peft_model", "PeftModel", "LoraConfig", "IA3Config", "BottleneckConfig",
+           "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig", "FullFineTuningConfig"]
