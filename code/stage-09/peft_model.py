@@ -249,6 +249,42 @@ class PeftModel(Module):
             if path not in used:
                 set_submodule(self.base_model, path, wrapper.base_layer)
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name):
+        """A new LoRA adapter whose update is ``sum_i weights[i] * delta_i`` exactly.
+
+        The factors are concatenated along the rank: ``A = [A_1; A_2; ...]`` and
+        ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]`` with scaling 1, so ``B A`` equals
+        the weighted sum of the updates (Hugging Face calls this ``"cat"``). The
+        rank of the result is the sum of the ranks.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, "
+                             f"{len(weights)} weights")
+        for n in adapters:
+            if n not in self.adapters:
+                raise ValueError(f"unknown adapter {n!r}; known adapters: {sorted(self.adapters)}")
+            cfg = self.adapters[n].config
+            if cfg.peft_type != "LORA" or cfg.use_dora:
+                raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; "
+                                 f"{n!r} is {cfg.peft_type}{' with DoRA' if cfg.use_dora else ''}")
+        states = [self.adapters[n] for n in adapters]
+        paths = sorted({p for s in states for p in s.slots})
+        rank = sum(s.config.r for s in states)
+        self.add_adapter(adapter_name, LoraConfig(r=rank, lora_alpha=rank, target_modules=paths))
+        for path in paths:
+            new = self.adapters[adapter_name].slots[path]
+            blocks_A, blocks_B = [], []
+            for s, w in zip(states, weights):
+                layer = s.slots.get(path)
+                if layer is None:
+                    blocks_A.append(np.zeros((s.config.r, new.in_features), new.A.dtype))
+                    blocks_B.append(np.zeros((new.out_features, s.config.r), new.B.dtype))
+                else:
+                    blocks_A.append(layer.A)
+                    blocks_B.append(w * layer.scaling * layer.B)
+            new.A[...] = np.concatenate(blocks_A, axis=0)       # (sum r, in)
+            new.B[...] = np.concatenate(blocks_B, axis=1)       # (out, sum r)
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Inside the block the model computes exactly the base model's outputs."""
@@ -336,6 +372,27 @@ class PeftModel(Module):
     def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
         from peft_io import from_pretrained
         return from_pretrained(cls, model, directory, adapter_name, is_trainable)
+
+
+def create_loraplus_optimizer(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.0,
+                              optimizer_cls=None, **kwargs):
+    """LoRA+ (Hayou et al. 2024): ``B`` learns ``loraplus_lr_ratio`` times faster than ``A``.
+
+    With ``B`` starting at zero and ``A`` random, equal learning rates make ``B``
+    the slow factor for wide layers; a larger rate for ``B`` speeds up training.
+    Every other trainable parameter uses ``lr``.
+    """
+    from optim import AdamW
+    if not loraplus_lr_ratio > 0:
+        raise ValueError(f"loraplus_lr_ratio must be > 0, got {loraplus_lr_ratio!r}")
+    names = [n for n, _ in model.named_parameters(trainable_only=True)]
+    b_names = [n for n in names if n.endswith("lora.B")]
+    others = [n for n in names if n not in set(b_names)]
+    groups = [{"names": others, "lr": lr, "weight_decay": weight_decay},
+              {"names": b_names, "lr": lr * loraplus_lr_ratio, "weight_decay": weight_decay}]
+    groups = [g for g in groups if g["names"]]
+    return (optimizer_cls or AdamW)(model, lr=lr, weight_decay=weight_decay, param_groups=groups,
+                                    **kwargs)
 
 
 def get_peft_model(model, peft_config: PeftConfig, adapter_name="default", seed=0) -> PeftModel:
