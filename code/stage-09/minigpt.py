@@ -120,6 +120,10 @@ class CausalSelfAttention(Module):
         allowed = self.build_mask(T, P, attention_mask)
         np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
         att = softmax(scores)                               # (B, H, T, P+T)
+        if attention_mask is not None:
+            # a padded query with no visible key would spread uniformly over masked
+            # keys (future ones included); give it zero weights instead
+            att *= allowed
         y = att @ v                                         # (B, H, T, dh)
         self.q, self.k, self.v, self.att, self.P = q, k, v, att, P
         y = y.transpose(0, 2, 1, 3).reshape(B, T, D)        # (B, T, D)
