@@ -33,7 +33,7 @@ import numpy as np
 
 from nf4 import (NF4_CODEBOOK, NF4Tensor, check_blocksize, create_normal_map,  # noqa: F401
                  normal_ppf, pack_4bit, quantize_nf4, require_finite, unpack_4bit)
-from nn import Linear, set_submodule
+from nn import Linear, Module, set_submodule
 from targets import find_targets
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -132,7 +132,7 @@ def blockwise_absmax_roundtrip(weight, bits: int = 4, blocksize: int = 64) -> np
 
 
 # ---- the quantized frozen linear ------------------------------------------------
-class QuantizedLinear(Linear):
+class QuantizedLinear(Module):
     """A frozen ``Linear`` whose weight is stored as NF4 (QLoRA §3).
 
     ``forward(x) = x @ W.T + b`` with ``W = quant_state.dequantize(compute_dtype)``
@@ -142,16 +142,18 @@ class QuantizedLinear(Linear):
     does not exist here. Only ``bias`` is a parameter (frozen by default; it can
     be unfrozen, e.g. for BitFit on a quantized base).
 
-    It subclasses ``Linear`` so that it stands wherever a ``Linear`` does:
-    ``find_targets`` sees it, and a LoRA wrapper reads ``in_features``,
-    ``out_features``, ``weight`` and ``bias`` as from any linear. ``weight`` is a
-    read-only view of the dequantized values; assign a new ``quant_state`` instead.
+    It has a ``Linear``'s surface (``forward``, ``backward``, ``in_features``,
+    ``out_features``, ``weight``, ``bias``), so a LoRA wrapper takes it as its base
+    layer unchanged. It is deliberately *not* a ``Linear`` subclass: code that
+    writes into ``layer.weight`` of a ``Linear`` (merging, optimizers) must not be
+    fooled. ``weight`` returns a fresh, read-only dequantized array, so such a
+    write fails loudly instead of vanishing; assign a new ``quant_state`` instead.
     """
 
     param_names = ("bias",)
 
     def __init__(self, quant_state: NF4Tensor, bias=None, compute_dtype=np.float32):
-        super(Linear, self).__init__()                      # Module.__init__: no float weight
+        super().__init__()
         if not isinstance(quant_state, NF4Tensor) or len(quant_state.shape) != 2:
             raise ValueError(f"QuantizedLinear needs a 2-D NF4Tensor (out, in), got {quant_state!r}")
         self.out_features, self.in_features = quant_state.shape
@@ -168,6 +170,8 @@ class QuantizedLinear(Linear):
     def from_linear(cls, linear: Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype=None) -> "QuantizedLinear":
         """Quantize a float ``Linear``; ``compute_dtype=None`` keeps its weight dtype."""
+        if not isinstance(linear, Linear):
+            raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         dtype = linear.weight.dtype if compute_dtype is None else compute_dtype
         state = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.copy()
@@ -189,8 +193,10 @@ class QuantizedLinear(Linear):
 
     @property
     def weight(self) -> np.ndarray:
-        """The dequantized ``(out, in)`` weight in the compute dtype (a fresh array)."""
-        return self._quant_state.dequantize(self.compute_dtype)
+        """The dequantized ``(out, in)`` weight in the compute dtype (fresh, read-only)."""
+        w = self._quant_state.dequantize(self.compute_dtype)
+        w.setflags(write=False)
+        return w
 
     @property
     def nbytes_weight(self) -> int:
@@ -227,7 +233,7 @@ def quantize_model(model, quant_type: str = "nf4", target_modules=None, blocksiz
     if quant_type != "nf4":
         raise ValueError(f"quant_type must be 'nf4' (the only 4-bit type here), got {quant_type!r}")
     targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
-    for name in find_targets(model, targets):
+    for name in find_targets(model, targets, layer_types=(Linear, QuantizedLinear)):
         module = model.get_submodule(name)
         if not isinstance(module, QuantizedLinear):         # quantizing twice is a no-op
             set_submodule(model, name, QuantizedLinear.from_linear(
