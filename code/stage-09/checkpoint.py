@@ -1,0 +1,215 @@
+"""Saving and loading weights: safetensors + a JSON config, atomic, validated.
+
+Layout of a saved model (the Hugging Face layout, so a learner recognises it)::
+
+    directory/
+        config.json          GPTConfig.to_dict()
+        model.safetensors    every parameter by dotted name (the tied LM head is
+                             stored once, as embed_tokens.weight)
+
+Three promises, each tested:
+
+* **No code execution on load.** safetensors is a JSON header plus raw bytes;
+  nothing is ever unpickled (no ``pickle``, no ``np.load(allow_pickle=True)``).
+* **Atomic writes.** Bytes go to a temporary file in the target directory, are
+  fsync'ed, then ``os.replace``'d over the target: a crash leaves either the old
+  file or the new one, never half of each.
+* **Validate, then copy.** A load checks every name, shape and dtype (and the
+  config) before touching the model, and says which tensor is wrong; a failed
+  load leaves the model exactly as it was.
+
+``save_tensors`` / ``load_tensors`` are the low-level pair; PEFT adapters
+(``adapter_model.safetensors``) reuse them with their own ``expected`` shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import safetensors.numpy
+
+from minigpt import GPT, GPTConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+# ---- atomic files --------------------------------------------------------------
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:                                    # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {err}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# ---- tensors -------------------------------------------------------------------
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``{name: array}`` (and string ``metadata``) as one safetensors file, atomically."""
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, np.ndarray):
+            raise ValueError(f"tensors must map str -> np.ndarray; {name!r} is {type(value).__name__}")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"safetensors metadata must map str -> str; {key!r} is {type(value).__name__}")
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    atomic_write_bytes(path, safetensors.numpy.save(arrays, metadata=metadata))
+
+
+def _read(path):
+    """``(tensors, metadata)`` of a safetensors file; corrupt files raise ``ValueError``."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as err:                # safetensors' SafetensorError and friends
+        raise ValueError(f"{path} is corrupt or truncated (not a readable safetensors file): "
+                         f"{err}") from None
+    header_len = int.from_bytes(data[:8], "little")  # valid: safetensors just parsed it
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    return tensors, metadata
+
+
+def load_metadata(path) -> dict:
+    """The ``__metadata__`` strings stored in a safetensors file's header."""
+    return _read(path)[1]
+
+
+def load_tensors(path, expected: dict | None = None) -> dict:
+    """Read a safetensors file into ``{name: array}`` (writable copies).
+
+    ``expected`` maps every name the file must hold to ``(shape, dtype)``
+    (either may be ``None`` for "any") or to ``None``; the file may then hold no
+    other names. Any difference raises one ``ValueError`` listing all of them.
+    """
+    tensors, _ = _read(path)
+    if expected is not None:
+        validate_tensors(tensors, expected, source=os.fspath(path))
+    return {name: np.array(value, copy=True) for name, value in tensors.items()}
+
+
+def validate_tensors(tensors: dict, expected: dict, source="tensors", allow_missing=False) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
+    problems = []
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected]
+    if missing and not allow_missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    for name, spec in expected.items():
+        if spec is None or name not in tensors:
+            continue
+        shape, dtype = spec
+        got = tensors[name]
+        if shape is not None and tuple(got.shape) != tuple(shape):
+            problems.append(f"{name}: shape {tuple(got.shape)} in {source}, expected {tuple(shape)}")
+        if dtype is not None and np.dtype(got.dtype) != np.dtype(dtype):
+            problems.append(f"{name}: dtype {np.dtype(got.dtype).name} in {source}, "
+                            f"expected {np.dtype(dtype).name}")
+    if problems:
+        raise ValueError(f"{source} does not match:\n  " + "\n  ".join(problems))
+
+
+# ---- models --------------------------------------------------------------------
+def model_tensors(model, trainable_only=False) -> dict:
+    """``{dotted name: array}`` for the model's parameters (views, not copies)."""
+    return dict(model.named_parameters(trainable_only=trainable_only))
+
+
+def expected_shapes(model, trainable_only=False) -> dict:
+    return {n: (p.shape, p.dtype) for n, p in model.named_parameters(trainable_only=trainable_only)}
+
+
+def copy_into(model, tensors: dict, source="tensors") -> None:
+    """Copy ``tensors`` into the model's parameters of the same names, in place.
+
+    A subset of the parameters is allowed (adapters); every given name must
+    exist with the same shape and dtype. All are checked before any is copied.
+    """
+    validate_tensors(tensors, expected_shapes(model), source=source, allow_missing=True)
+    for name, value in tensors.items():
+        path, _, attr = name.rpartition(".")
+        getattr(model.get_submodule(path), attr)[...] = value
+
+
+def save_model(model, directory) -> None:
+    """Write ``config.json`` and ``model.safetensors`` for a ``GPT`` into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    config = model.config.to_dict()
+    save_tensors(os.path.join(directory, WEIGHTS_NAME), model_tensors(model),
+                 metadata={"format": "np", "config": json.dumps(config, sort_keys=True)})
+    save_json(os.path.join(directory, CONFIG_NAME), config)
+
+
+def load_config(directory) -> GPTConfig:
+    raw = load_json(os.path.join(directory, CONFIG_NAME))
+    try:
+        return GPTConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} is not a valid GPTConfig: {err}") from None
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load_into(model, directory) -> None:
+    """Load ``directory`` into an existing ``GPT``; on any error the model is unchanged."""
+    config = load_config(directory).to_dict()
+    diff = _config_diff(config, model.config.to_dict())
+    if diff:
+        raise ValueError(f"config mismatch between {directory} and the model (file vs model): "
+                         + "; ".join(diff))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    tensors, metadata = _read(path)
+    if "config" in metadata:
+        diff = _config_diff(json.loads(metadata["config"]), config)
+        if diff:
+            raise ValueError(f"config mismatch: {path} was saved with another config than "
+                             f"{CONFIG_NAME} (weights vs json): " + "; ".join(diff))
+    validate_tensors(tensors, expected_shapes(model), source=path)
+    copy_into(model, tensors, source=path)
+
+
+def load_model(directory) -> GPT:
+    """Build a ``GPT`` from ``config.json`` and fill it from ``model.safetensors``."""
+    model = GPT(load_config(directory))
+    load_into(model, directory)
+    return model
