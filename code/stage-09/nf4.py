@@ -154,7 +154,7 @@ def _dequantize_constants(codes, scale, mean, blocksize: int = 256) -> np.ndarra
 
 
 # ---- the NF4 tensor -----------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NF4Tensor:
     """A weight stored in NF4. Holds only what would be on the device.
 
