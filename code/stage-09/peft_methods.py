@@ -107,6 +107,7 @@ class PrefixEncoder(PrefixTuning):
         c = model_config
         super().__init__(c.n_layers, c.n_heads, c.d_head, config.num_virtual_tokens, rng=rng,
                          dtype=c.dtype)
+        self.config = config                    # collapse() records itself here
         self.embedding = None
         if config.prefix_projection:
             hidden = config.encoder_hidden_size or c.d_model
@@ -145,11 +146,18 @@ class PrefixEncoder(PrefixTuning):
             self._accumulate("embedding", dembed)
 
     def collapse(self):
-        """Replace the MLP by the table it currently produces (same outputs, fewer parameters)."""
+        """Replace the MLP by the table it currently produces (same outputs, fewer parameters).
+
+        The adapter's config is updated to ``prefix_projection=False`` so that what
+        ``save_pretrained`` writes (the table) is what ``from_pretrained`` expects.
+        The table trains if the MLP did (a frozen, loaded encoder stays frozen).
+        """
         if self.embedding is not None:
+            trainable = self.wants_grad("embedding")
             self.prefix = np.ascontiguousarray(self.table())
             self.embedding, self.mlp_in, self.mlp_out = None, None, None
-            self.requires_grad_(True, ["prefix"])
+            self.requires_grad_(trainable, ["prefix"])
+            self.config.prefix_projection = False
 
 
 @register(PrefixTuningConfig)
@@ -173,18 +181,16 @@ class PromptEncoder(PromptTuning):
 
     def __init__(self, model, config: PromptTuningConfig, rng):
         d, dtype = model.config.d_model, model.config.dtype
-        table = model.embed_tokens.weight
+        table, context = model.embed_tokens.weight, model.config.context_length
         super().__init__(d, config.num_virtual_tokens, rng=rng, dtype=dtype)
         P = config.num_virtual_tokens
+        if P >= context:
+            raise ValueError(f"PromptTuningConfig.num_virtual_tokens={P} leaves no room for a "
+                             f"real token in context_length={context}")
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
             self.prompt = table[rng.integers(0, table.shape[0], P)].astype(dtype, copy=True)
         elif config.prompt_tuning_init == "TEXT":
-            ids = np.asarray(config.prompt_tuning_init_token_ids)
-            if ids.min() < 0 or ids.max() >= table.shape[0]:
-                raise ValueError(f"prompt_tuning_init_token_ids contain an id outside "
-                                 f"0..{table.shape[0] - 1}: {ids.tolist()}")
-            reps = math.ceil(P / len(ids))
-            self.prompt = table[np.tile(ids, reps)[:P]].astype(dtype, copy=True)
+            self.prompt = table[text_init_ids(config, table.shape[0], context)].astype(dtype, copy=True)
         else:
             self.prompt = (rng.standard_normal((P, d)) * float(table.std())).astype(dtype)
         self.position_convention = config.position_convention
@@ -214,6 +220,23 @@ class PromptEncoder(PromptTuning):
         return self.backward(dx)
 
 
+def text_init_ids(config: PromptTuningConfig, vocab_size, context_length):
+    """The ``num_virtual_tokens`` ids a TEXT init copies: the given ids repeated, or cut.
+
+    Cutting a longer text to ``num_virtual_tokens`` is what Hugging Face does. More
+    ids than the model's context can hold cannot be a prompt for this model (most
+    likely the wrong ids were passed), so that raises, as do ids outside the vocabulary.
+    """
+    ids, P = np.asarray(config.prompt_tuning_init_token_ids), config.num_virtual_tokens
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"PromptTuningConfig.prompt_tuning_init_token_ids contain an id outside "
+                         f"0..{vocab_size - 1}: {ids.tolist()}")
+    if len(ids) > context_length:
+        raise ValueError(f"PromptTuningConfig.prompt_tuning_init_token_ids has {len(ids)} ids, "
+                         f"more than context_length={context_length}")
+    return np.tile(ids, math.ceil(P / len(ids)))[:P]       # (P,)
+
+
 @register(PromptTuningConfig)
 class PromptMethod(Method):
     encoder_attr = "prompt_encoder"
@@ -235,3 +258,5 @@ class FullMethod(Method):
     def inject(self, peft_model, config, rng):
         return AdapterState(config, trainable=[n for n, _ in peft_model.base_model.named_parameters()])
 
+
+import ia3, bottleneck  # noqa: E402,F401,E401  (register their methods)

@@ -1,0 +1,136 @@
+"""Bottleneck adapters in the mini GPT: serial (Houlsby, Pfeiffer) and parallel.
+
+Not in Hugging Face ``peft``: AdapterHub's ``adapters`` library has them, under
+the names used here (``houlsby``, ``pfeiffer``, ``parallel``). Each adapter is the
+course's ``peft.Adapter``: ``h + f(h W_down + b_down) W_up + b_up`` with
+``W_up = 0`` at the start, so the adapted model starts *exactly* at the base model
+(Houlsby et al. 2019, §2.1 use a near-identity init for the same reason).
+
+Where an adapter sits in a pre-LN block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``::
+
+    houlsby   x + adapter(attn(ln_1 x)),   x + adapter(mlp(ln_2 x))    (Houlsby §2.1)
+    pfeiffer  x + attn(ln_1 x),            x + adapter(mlp(ln_2 x))    (Pfeiffer et al. 2021, §3)
+    parallel  x + attn(h) + branch(h),     x + mlp(h) + branch(h)      (He et al. 2022, §3)
+
+``adapter(h) = h + branch(h)`` is serial: it reads the sublayer's output, before
+the residual add. The parallel adapter reads the sublayer's *input* ``h`` and its
+branch is added to the sublayer's output. Both are implemented by one wrapper
+module, ``BottleneckWrapper``, placed where the block keeps ``self_attn`` and
+``mlp``; the block itself is unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nn import Module
+from peft import Adapter
+from peft_config import BottleneckConfig
+from peft_model import AdapterState, Method, register, wrap_or_reuse
+
+PLACEMENTS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",), "parallel": ("self_attn", "mlp")}
+
+
+class BottleneckWrapper(Module):
+    """A block sublayer plus the adapter in slot ``adapter`` (``None``: base only).
+
+    ``forward(x, **kwargs)`` is ``adapter(sublayer(x, **kwargs))`` for a serial
+    adapter and ``sublayer(x, **kwargs) + adapter.branch(x)`` for a parallel one
+    (``adapter.parallel``). Keyword arguments (attention's ``attention_mask`` and
+    ``prefix``) go to the sublayer untouched. ``disabled`` gives the base sublayer.
+
+    Attributes the wrapper lacks are read from the wrapped sublayer, so code that
+    reads ``block.self_attn.prefix_grad`` (prefix tuning) or ``.att`` keeps working.
+    """
+
+    adapter_attr = "adapter"
+    peft_type = "BOTTLENECK"
+
+    def __init__(self, base_layer: Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = None
+        self.disabled = False
+
+    def __getattr__(self, name):
+        # only called for attributes not found normally; never for dunders or the base itself
+        if name.startswith("__") or name == "base_layer":
+            raise AttributeError(name)
+        return getattr(self.base_layer, name)
+
+    def forward(self, x, **kwargs):
+        self._mode = ("off" if self.adapter is None or self.disabled
+                      else "parallel" if self.adapter.parallel else "serial")
+        h = self.base_layer(x, **kwargs)                    # (B, T, D) the sublayer
+        if self._mode == "serial":
+            return self.adapter(h)                          # h + branch(h)
+        if self._mode == "parallel":
+            return h + self.adapter.branch(x)               # branch reads the sublayer input
+        return h
+
+    def backward(self, dout):
+        if self._mode == "serial":
+            return self.base_layer.backward(self.adapter.backward(dout))
+        dx = self.base_layer.backward(dout)                 # (B, T, D)
+        if self._mode == "parallel":
+            dx = dx + self.adapter.branch_backward(dout)
+        return dx
+
+
+def bottleneck_dim(config: BottleneckConfig, d_model: int) -> int:
+    """``bottleneck_size``, or ``d_model // reduction_factor`` (which must be >= 1)."""
+    if config.bottleneck_size is not None:
+        return config.bottleneck_size
+    size = d_model // config.reduction_factor
+    if size < 1:
+        raise ValueError(f"BottleneckConfig.reduction_factor={config.reduction_factor} is larger "
+                         f"than d_model={d_model}: the bottleneck would have 0 units")
+    return size
+
+
+def make_adapter(config: BottleneckConfig, d_model, rng, dtype) -> Adapter:
+    """One ``peft.Adapter`` (bias per the config) marked serial or parallel."""
+    adapter = Adapter(d_model, bottleneck_dim(config, d_model), config.activation,
+                      bias=config.bias, rng=rng, dtype=dtype)
+    adapter.parallel = config.placement == "parallel"
+    return adapter
+
+
+def bottleneck_param_count(config: BottleneckConfig, d_model: int, n_layers: int) -> int:
+    """Closed form: ``layers * sites * (2 d b [+ b + d with biases])``."""
+    b = bottleneck_dim(config, d_model)
+    per_adapter = 2 * d_model * b + ((b + d_model) if config.bias else 0)
+    return n_layers * len(PLACEMENTS[config.placement]) * per_adapter
+
+
+@register(BottleneckConfig)
+class BottleneckMethod(Method):
+    """Wrap each block's ``self_attn`` / ``mlp`` (per ``placement``) and give it an adapter."""
+
+    def inject(self, peft_model, config: BottleneckConfig, rng):
+        model = peft_model.base_model
+        c = model.config
+        state = AdapterState(config)
+        for i in range(c.n_layers):
+            for sub in PLACEMENTS[config.placement]:
+                path = f"layers.{i}.{sub}"
+                wrap_or_reuse(model, path, BottleneckWrapper, BottleneckWrapper)
+                state.slots[path] = make_adapter(config, c.d_model, rng, c.dtype)
+        return state
+
+
+def demo():
+    from minigpt import GPT, GPTConfig
+    from peft_model import get_peft_model
+    base = GPT(GPTConfig(d_model=64, n_layers=2))
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 8))
+    ref = base(tokens)
+    for placement in PLACEMENTS:
+        model = get_peft_model(GPT(GPTConfig(d_model=64, n_layers=2)),
+                               BottleneckConfig(bottleneck_size=8, placement=placement))
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"{placement:8s} trainable {trainable:,} of {total:,}; "
+              f"starts at the base model: {np.array_equal(model(tokens), ref)}")
+
+
+if __name__ == "__main__":
+    demo()
