@@ -1,0 +1,384 @@
+"""How fast is one training step of the NumPy mini GPT, and how far from the hardware?
+
+Run ``python bench.py`` (about two minutes; ``--quick`` for a rough look,
+``--no-torch`` to skip PyTorch). For two model sizes it prints
+
+* the median milliseconds of one training step -- forward, cross-entropy,
+  backward and the AdamW update -- with every weight trainable ("full") and with
+  every weight frozen ("frozen base": gradients still flow back to the embedding
+  output, all that prompt tuning needs, and there is no optimizer work);
+* the same architecture in PyTorch eager, timed in the same process, and the ratio;
+* the matmul FLOPs of a step counted by hand, and the GFLOP/s achieved as a
+  fraction of this machine's float32 matmul throughput, measured in the same run.
+
+Contestants are timed in turn, one step each per round (A B C A B C ...), and a
+ratio is the median of the per-round ratios, so a shared machine whose speed
+drifts slows both sides of a comparison alike.
+
+A row is ``Row(label, build)`` with ``build(config) -> (model, optimizer)``,
+``model.forward(tokens) -> logits`` and ``model.backward(dlogits)``; an optimizer
+of ``None`` means the step has no optimizer work. A PEFT method is one more
+``Row`` whose ``build`` wraps ``GPT(config)``: append it to ``ROWS``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from minigpt import GPT, GPTConfig
+from nn import cross_entropy
+from optim import AdamW
+
+BATCH, SEQ = 32, 64
+CONFIGS = {
+    "a": ("(a) teaching", GPTConfig(vocab_size=64, context_length=64, d_model=64,
+                                    n_layers=2, n_heads=4)),
+    "b": ("(b) d256 x4", GPTConfig(vocab_size=64, context_length=64, d_model=256,
+                                   n_layers=4, n_heads=8)),
+}
+
+
+# ---- one training step ------------------------------------------------------
+def training_step(model, inputs, targets, optimizer) -> float:
+    """Run one step and return its wall time in milliseconds.
+
+    ``optimizer.zero_grad()``, forward, cross-entropy, backward, ``optimizer.step()``
+    (the optimizer calls are skipped when it is ``None``).
+    """
+    start = time.perf_counter()
+    if optimizer is not None:
+        optimizer.zero_grad()
+    logits = model.forward(inputs)                          # (B, T, V)
+    _, dlogits = cross_entropy(logits, targets)
+    model.backward(dlogits)
+    if optimizer is not None:
+        optimizer.step()
+    return 1e3 * (time.perf_counter() - start)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, times_ms):
+        return cls(float(np.median(times_ms)), float(np.min(times_ms)), float(np.max(times_ms)))
+
+
+def time_training_step(model, inputs, targets, optimizer, repeats, warmup=2) -> Timing:
+    """Median, min and max of ``repeats`` timed steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        training_step(model, inputs, targets, optimizer)
+    return Timing.of([training_step(model, inputs, targets, optimizer) for _ in range(repeats)])
+
+
+# ---- rows -----------------------------------------------------------------------
+class FrozenBase:
+    """Every weight frozen; backward stops at the embedding output, as prompt tuning needs.
+
+    ``forward`` = ``embed`` then ``forward_embeds``; ``backward`` = ``backward_embeds``,
+    which still returns dL/d(embeddings) ``(B, T, D)`` though no weight gets a gradient.
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model.freeze()
+
+    def forward(self, tokens):
+        return self.model.forward_embeds(self.model.embed(tokens))
+
+    def backward(self, dlogits):
+        return self.model.backward_embeds(dlogits)
+
+
+def build_full(config):
+    model = GPT(config)
+    return model, AdamW(model, lr=1e-3)
+
+
+def build_frozen(config):
+    return FrozenBase(GPT(config)), None
+
+
+def step_matmul_flops(config: GPTConfig, batch=BATCH, seq=SEQ, trainable=True) -> int:
+    """Matmul FLOPs of one training step (2 per multiply-add), counted by hand.
+
+    Forward: ``2 N in out`` per linear (N = batch*seq tokens; q, k, v, out_proj,
+    fc1, fc2), ``QK^T`` and ``AV`` at ``2 B T T D`` each (the masked half is
+    computed too), and the tied head ``2 N D V``. Backward: two matmuls per
+    trainable weight (dx and dW), one per frozen weight (its dW is skipped);
+    attention always needs four (dA, dV, dQ, dK).
+    """
+    N, D, V = batch * seq, config.d_model, config.vocab_size
+    linears = 2 * N * (4 * D * D + 2 * D * 4 * D)           # per layer, forward
+    attention = 2 * (2 * batch * seq * seq * D)             # per layer, forward
+    head = 2 * N * D * V
+    weight_passes = 3 if trainable else 2                   # forward + backward
+    return config.n_layers * (weight_passes * linears + 3 * attention) + weight_passes * head
+
+
+@dataclass
+class Row:
+    """One benchmark row. ``build(config) -> (model, optimizer or None)``.
+
+    ``torch``: ``"full"`` or ``"frozen"`` times the PyTorch counterpart; ``None`` none.
+    ``flops(config) -> int``: matmul FLOPs of one step, or ``None`` if not counted.
+    """
+    label: str
+    build: Callable
+    torch: str | None = None
+    flops: Callable | None = None
+
+
+ROWS = [
+    Row("full fine-tuning", build_full, torch="full",
+        flops=lambda c: step_matmul_flops(c, trainable=True)),
+    Row("frozen base", build_frozen, torch="frozen",
+        flops=lambda c: step_matmul_flops(c, trainable=False)),
+]
+
+
+# ---- the matmul roofline ---------------------------------------------------------
+def matmul_gflops(n=2048, repeats=5) -> float:
+    """float32 GFLOP/s of an ``n x n`` by ``n x n`` NumPy matmul (best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ---- PyTorch reference -------------------------------------------------------------
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_torch(config: GPTConfig, frozen=False):
+    """The same architecture in PyTorch eager (2 threads); returns ``step(tokens, targets)``.
+
+    Same shapes: token + position embeddings, pre-LN blocks with separate q/k/v/out
+    projections (with bias), causal attention, fc1 -> tanh-GELU -> fc2, final
+    LayerNorm, LM head tied to the token embedding; AdamW. ``frozen``: no parameter
+    requires grad and the gradient stops at the embedding output, as in ``FrozenBase``.
+    """
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    D, H = config.d_model, config.n_heads
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = tnn.LayerNorm(D), tnn.LayerNorm(D)
+            self.q_proj, self.k_proj = tnn.Linear(D, D), tnn.Linear(D, D)
+            self.v_proj, self.out_proj = tnn.Linear(D, D), tnn.Linear(D, D)
+            self.fc1, self.fc2 = tnn.Linear(D, 4 * D), tnn.Linear(4 * D, D)
+
+        def attn(self, x):
+            B, T, _ = x.shape
+            split = lambda t: t.view(B, T, H, D // H).transpose(1, 2)  # noqa: E731
+            q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # (B, H, T, dh)
+            return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.fc2(F.gelu(self.fc1(self.ln_2(x)), approximate="tanh"))
+
+    class TorchGPT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = tnn.Embedding(config.vocab_size, D)
+            self.embed_positions = tnn.Embedding(config.context_length, D)
+            self.layers = tnn.ModuleList(Block() for _ in range(config.n_layers))
+            self.ln_f = tnn.LayerNorm(D)
+
+        def embed(self, tokens):
+            return self.embed_tokens(tokens) + self.embed_positions.weight[: tokens.shape[1]]
+
+        def forward_embeds(self, x):
+            for block in self.layers:
+                x = block(x)
+            return self.ln_f(x) @ self.embed_tokens.weight.T                # tied head
+
+    model = TorchGPT()
+    model.requires_grad_(not frozen)
+    optimizer = None if frozen else torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(tokens, targets):
+        if optimizer is not None:
+            optimizer.zero_grad()
+        x = model.embed(tokens)
+        if frozen:
+            x = x.detach().requires_grad_(True)
+        logits = model.forward_embeds(x)
+        F.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1)).backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    return step
+
+
+class _TorchContestant:
+    """A PyTorch step behind the same ``forward``/``backward`` face as our rows."""
+
+    def __init__(self, config, frozen):
+        import torch
+        self.torch, self.step = torch, build_torch(config, frozen)
+
+    def run(self, inputs, targets):
+        start = time.perf_counter()
+        self.step(self.torch.from_numpy(inputs), self.torch.from_numpy(targets))
+        return 1e3 * (time.perf_counter() - start)
+
+
+# ---- driver ------------------------------------------------------------------------
+def make_batch(config: GPTConfig, batch=BATCH, seq=SEQ, seed=0):
+    """Random tokens ``(batch, seq)`` and their next-token targets."""
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq + 1))
+    return tokens[:, :-1].copy(), tokens[:, 1:].copy()
+
+
+def benchmark_config(name, config, rows=ROWS, repeats=10, with_torch=True, peak_gflops=None,
+                     warmup=2) -> list[dict]:
+    """Time every row (and its PyTorch counterpart) on one config, interleaved.
+
+    Each round runs one step of every contestant in turn. Returns one dict per row:
+    ``ours``/``torch`` ``Timing`` (``torch`` is ``None`` when not timed), ``ratio``
+    (median over rounds of ours/torch), ``flops``, ``gflops``, ``peak_fraction``.
+    """
+    inputs, targets = make_batch(config)
+    contestants = []                            # (row index, "ours" | "torch", run)
+    for i, row in enumerate(rows):
+        model, optimizer = row.build(config)
+        contestants.append((i, "ours", lambda m=model, o=optimizer:
+                            training_step(m, inputs, targets, o)))
+        if with_torch and row.torch is not None:
+            theirs = _TorchContestant(config, frozen=row.torch == "frozen")
+            contestants.append((i, "torch", lambda t=theirs: t.run(inputs, targets)))
+    times = {(i, side): [] for i, side, _ in contestants}
+    for round_ in range(warmup + repeats):
+        for i, side, run in contestants:
+            ms = run()
+            if round_ >= warmup:
+                times[(i, side)].append(ms)
+    results = []
+    for i, row in enumerate(rows):
+        ours, theirs = times[(i, "ours")], times.get((i, "torch"))
+        flops = row.flops(config) if row.flops is not None else None
+        gflops = flops / Timing.of(ours).median_ms / 1e6 if flops else None
+        results.append(dict(
+            config=name, row=row.label, ours=Timing.of(ours),
+            torch=Timing.of(theirs) if theirs else None,
+            ratio=float(np.median(np.divide(ours, theirs))) if theirs else None,
+            flops=flops, gflops=gflops,
+            peak_fraction=gflops / peak_gflops if gflops and peak_gflops else None))
+    return results
+
+
+def _cell(value, spec, width):
+    """``value`` formatted with ``spec``, right-aligned in ``width``; ``-`` when absent."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def print_table(results, peak_gflops):
+    header = (f"{'config':<14}{'row':<18}{'ours ms':>9}{'(min-max)':>16}{'torch ms':>10}"
+              f"{'ours/torch':>11}{'GFLOP':>7}{'GFLOP/s':>9}{'of peak':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ours, theirs = r["ours"], r["torch"]
+        print(f"{r['config']:<14}{r['row']:<18}{ours.median_ms:>9.1f}"
+              + f"{f'({ours.min_ms:.1f}-{ours.max_ms:.1f})':>16}"
+              + _cell(theirs.median_ms if theirs else None, ".1f", 10)
+              + _cell(r["ratio"], ".2f", 11)
+              + _cell(r["flops"] / 1e9 if r["flops"] else None, ".2f", 7)
+              + _cell(r["gflops"], ".1f", 9)
+              + _cell(r["peak_fraction"], ".0%", 8))
+    print(f"float32 matmul throughput (NumPy, 2048 x 2048 x 2048): {peak_gflops:.0f} GFLOP/s")
+
+
+def print_targets(results):
+    """The issue's targets, each with its measured value."""
+    by = {(r["config"], r["row"]): r for r in results}
+    a_full = by.get((CONFIGS["a"][0], "full fine-tuning"))
+    b_full = by.get((CONFIGS["b"][0], "full fine-tuning"))
+    b_frozen = by.get((CONFIGS["b"][0], "frozen base"))
+    checks = []
+    if a_full and a_full["ratio"]:
+        checks.append(("(a) full: ours/torch <= 0.9", a_full["ratio"], a_full["ratio"] <= 0.9))
+    if b_full and b_full["ratio"]:
+        checks.append(("(b) full: ours/torch <= 1.0", b_full["ratio"], b_full["ratio"] <= 1.0))
+    if b_full and b_frozen:
+        frac = b_frozen["ours"].median_ms / b_full["ours"].median_ms
+        checks.append(("(b) frozen step / full step <= 0.75", frac, frac <= 0.75))
+    if b_full and b_full["peak_fraction"]:
+        frac = b_full["peak_fraction"]
+        checks.append(("(b) full: >= 50% of matmul throughput", frac, frac >= 0.5))
+    print("\ntargets:")
+    for label, value, ok in checks:
+        print(f"  {label:<40}{value:6.2f}  {'met' if ok else 'MISSED'}")
+
+
+def machine_line(with_torch) -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = f"numpy {np.__version__}"
+    if with_torch:
+        import torch
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (f"machine: {os.cpu_count()} cores, {cpu}; Python {platform.python_version()}, "
+            f"{versions}; batch {BATCH} x seq {SEQ}, float32")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (rough numbers)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--configs", default="ab", help="which configs to run: a, b or ab")
+    args = parser.parse_args(argv)
+    with_torch = not args.no_torch and torch_available()
+    if with_torch:
+        build_torch(CONFIGS["a"][1])                        # sets torch's 2 threads now
+    print(machine_line(with_torch), flush=True)
+    peak = matmul_gflops()
+    repeats = {"a": 8 if args.quick else 40, "b": 3 if args.quick else 12}
+    results = []
+    for key in args.configs:
+        name, config = CONFIGS[key]
+        results += benchmark_config(name, config, repeats=repeats[key], with_torch=with_torch,
+                                    peak_gflops=peak)
+    peak = max(peak, matmul_gflops())                       # the better of before and after
+    for r in results:
+        r["peak_fraction"] = r["gflops"] / peak if r["gflops"] else None
+    print()
+    print_table(results, peak)
+    print_targets(results)
+    print("(a frozen-base step has no optimizer work: nothing in it is trainable)")
+
+
+if __name__ == "__main__":
+    main()
