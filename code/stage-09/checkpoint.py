@@ -64,8 +64,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path, text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text (JSON configs, model cards)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def save_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def load_json(path) -> dict:

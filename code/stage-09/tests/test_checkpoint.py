@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import checkpoint
-from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, copy_into, load_into, load_metadata,
-                        load_model, load_tensors, save_model, save_tensors)
+from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, copy_into, load_into,
+                        load_json, load_metadata, load_model, load_tensors, save_json, save_model,
+                        save_tensors)
 from minigpt import GPT, GPTConfig
 
 
@@ -160,6 +161,14 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
         save_tensors(path, {"w": np.zeros(5)})
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["t.safetensors"]
+
+
+def test_text_and_json_helpers(tmp_path):
+    atomic_write_text(tmp_path / "card.md", "LoRA r=8 \u2713\n")
+    assert (tmp_path / "card.md").read_text(encoding="utf-8") == "LoRA r=8 \u2713\n"
+    save_json(tmp_path / "c.json", {"r": 8, "target_modules": ["q_proj"]})
+    assert load_json(tmp_path / "c.json") == {"r": 8, "target_modules": ["q_proj"]}
+    assert sorted(os.listdir(tmp_path)) == ["c.json", "card.md"]
 
 
 def test_bad_tensors_or_metadata_are_refused(tmp_path):
