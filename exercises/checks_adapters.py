@@ -1,1 +1,141 @@
-"""(checkers to come)"""
+"""Checkers for adapters and soft prompts: 9.7 adapter, 9.8 prompt tuning,
+9.15 parallel adapter, 9.16 prefix MLP, 9.17 LoRA + prompt tuning, 9.19 the
+attention backward with a prefix. References: ``peft.Adapter``,
+``peft.PromptTuning``, ``bottleneck.BottleneckWrapper``,
+``peft_methods.PrefixEncoder``, ``peft_model.get_peft_model`` and
+``minigpt.CausalSelfAttention``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from checking import (expect, expect_close, expect_equal, expect_grad, expect_raises,
+                      expect_shape, expect_unchanged, randn, rng_for)
+from registry import exercise
+
+import peft
+
+_erf = np.vectorize(math.erf)
+
+
+def exact_gelu(z):
+    return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def lib_adapter(W_down, W_up, activation):
+    d, b = W_down.shape
+    ref = peft.Adapter(d, b, activation=activation, dtype=np.float64)
+    ref.W_down, ref.W_up = np.array(W_down, dtype=float), np.array(W_up, dtype=float)
+    return ref
+
+
+def adapter_mistakes(x, W_down, W_up, expected, activation):
+    z = x @ W_down
+    wrong = [(expected - x, "the residual is missing: the adapter returns x + branch(x)"),
+             (x + z @ W_up, "the activation between the two projections is missing")]
+    if activation == "gelu":
+        wrong.append((x + exact_gelu(z) @ W_up, "that is the exact (erf) GELU; use the tanh "
+                      "approximation (the given gelu), as GPT-2 and the library do"))
+    return wrong
+
+
+# ------------------------------------------------------------------ 9.7
+@exercise("9.7", "ex9_7_adapter", "Bottleneck adapter: forward and backward", "course")
+def check_adapter(mod, t):
+    rng = rng_for(97)
+    d, b = 8, 3
+    expect_raises(ValueError, lambda: mod.Adapter(d, b, activation="tanh"),
+                  "Adapter(d, b, activation='tanh') should raise ValueError")
+    ad = mod.Adapter(d, b, rng=np.random.default_rng(1))
+    expect_shape("W_down", ad.W_down, (d, b), " = (d_model, bottleneck_dim)")
+    expect_shape("W_up", ad.W_up, (b, d), " = (bottleneck_dim, d_model)")
+    expect(np.unique(ad.W_down).size > 1, "W_down must be random (W_up is the one that starts at 0)")
+    x = randn(rng, 2, 5, d)
+    y0 = np.asarray(ad.forward(x.copy()), dtype=float)
+    expect(np.abs(y0).max() > 0, "at initialisation your adapter outputs zeros: the residual "
+           "is missing (y = x + f(x W_down) W_up, and W_up starts at zero)")
+    gap = np.abs(y0 - x).max()
+    expect(gap <= 0.1, f"at initialisation the adapter must be (nearly) the identity; "
+           f"|y - x| reaches {gap:.3g}. Start W_up at zero")
+    expect_equal("num_parameters()", ad.num_parameters(), 2 * d * b, " = 2 * d_model * bottleneck_dim")
+    t.ok("__init__: shapes, starts as the identity, num_parameters, rejects unknown activations")
+
+    for activation in ("relu", "gelu"):
+        ad = mod.Adapter(d, b, activation=activation, rng=np.random.default_rng(2))
+        ad.W_down, ad.W_up = randn(rng, d, b), randn(rng, b, d, scale=0.5)
+        ref = lib_adapter(ad.W_down, ad.W_up, activation)
+        expected = ref.forward(x)
+        expect_close(f"forward ({activation})", ad.forward(x.copy()), expected,
+                     mistakes=adapter_mistakes(x, ad.W_down, ad.W_up, expected, activation))
+        G = randn(rng, *x.shape)
+        dx_ref = ref.backward(G)
+        G_before = G.copy()
+        dx = ad.backward(G)
+        expect_unchanged("grad_output", G_before, G)
+        expect_close(f"backward's return value dL/dx ({activation})", dx, dx_ref, mistakes=[
+            (dx_ref - G, "dL/dx misses the residual path: add grad_output itself"),
+            (G, "dL/dx has only the residual path: add the bottleneck's share")])
+        expect_close(f"W_up_grad ({activation})", ad.W_up_grad, ref.W_up_grad)
+        expect_close(f"W_down_grad ({activation})", ad.W_down_grad, ref.W_down_grad)
+        t.ok(f"{activation}: forward and backward match the library's Adapter")
+
+    loss = lambda: float(np.sum(ad.forward(x) * G))  # noqa: E731
+    ad.forward(x)
+    grads = {"dL/dx": ad.backward(G), "W_down_grad": ad.W_down_grad, "W_up_grad": ad.W_up_grad}
+    for name, arr in [("dL/dx", x), ("W_down_grad", ad.W_down), ("W_up_grad", ad.W_up)]:
+        expect_grad(name, grads[name], loss, arr)
+    t.ok("gradients agree with central differences (float64, random upstream gradient)")
+
+
+# ------------------------------------------------------------------ 9.8
+@exercise("9.8", "ex9_8_prompt_tuning", "Prompt tuning: a soft prompt, forward and backward",
+          "course")
+def check_prompt_tuning(mod, t):
+    rng = rng_for(98)
+    d, P = 6, 3
+    pt = mod.PromptTuning(d, P, rng=np.random.default_rng(1))
+    expect_equal("prompt_length", pt.prompt_length, P)
+    prompt = expect_shape("prompt", pt.prompt, (P, d), " = (prompt_length, d_model)")
+    expect(np.unique(prompt).size > 1, "the prompt must start random, not constant")
+    vocab = randn(rng, 10, d)
+    vocab_before = vocab.copy()
+    pv = mod.PromptTuning(d, P, init_from_vocab=vocab, rng=np.random.default_rng(1))
+    rows = expect_shape("prompt (from the vocabulary)", pv.prompt, (P, d))
+    for i, row in enumerate(rows):
+        expect(np.any(np.all(vocab == row, axis=1)),
+               f"with init_from_vocab, prompt row {i} must be a copy of a vocabulary row")
+    pv.prompt[...] += 1.0
+    expect_unchanged("the vocabulary (your prompt is a view of it: copy the rows)", vocab_before, vocab)
+    expect_raises(ValueError, lambda: mod.PromptTuning(d, P, init_from_vocab=randn(rng, 10, d + 1)),
+                  "init_from_vocab of the wrong width should raise ValueError")
+    expect_equal("num_parameters()", pt.num_parameters(), P * d, " = prompt_length * d_model")
+    t.ok("__init__: random prompt, or copies of vocabulary rows; num_parameters")
+
+    x = randn(rng, 2, 4, d)
+    ref = peft.PromptTuning(d, P, dtype=np.float64)
+    ref.prompt = np.array(pt.prompt, dtype=float)
+    expected = ref.forward(x)
+    expect_close("forward(input_embeds)", pt.forward(x.copy()), expected, mistakes=[
+        (np.concatenate([x, expected[:, :P]], axis=1), "the prompt goes first, before the tokens")])
+    expect_raises(ValueError, lambda: pt.forward(x[0]),
+                  "forward of a 2-D input (seq, d) should raise ValueError (expects (batch, seq, d))")
+    t.ok("forward: (batch, P + seq, d), prompt first; rejects a 2-D input")
+
+    G = randn(rng, 2, P + 4, d)
+    dx = pt.backward(G.copy())
+    expect_close("backward's return value", dx, G[:, P:],
+                 context=" (the gradient for the original input: drop the prompt positions)")
+    expect_close("prompt_grad", pt.prompt_grad, G[:, :P].sum(0), factors=[
+        (1 / 2, "you averaged over the batch; sum instead: every sequence uses the same prompt")])
+    expect_grad("prompt_grad", pt.prompt_grad, lambda: float(np.sum(pt.forward(x) * G)), pt.prompt)
+    t.ok("backward: input gradient without the prompt positions, prompt_grad summed over the batch")
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int64)
+    ext = mod.extend_attention_mask(mask, P)
+    expect_close("extend_attention_mask(mask, P)", ext,
+                 np.concatenate([np.ones((2, P), dtype=np.int64), mask], axis=1))
+    expect(np.asarray(ext).dtype == mask.dtype,
+           f"extend_attention_mask must keep the mask's dtype {mask.dtype}, got {np.asarray(ext).dtype}")
+    t.ok("extend_attention_mask: the prompt positions are always visible")

@@ -53,7 +53,9 @@ def check_lora_layer(mod, t):
     W = randn(rng, d_out, d_in)
     x2, x3 = randn(rng, 5, d_in), randn(rng, 2, 5, d_in)
     expect_close("forward(x, W) at initialisation", lora.forward(x3.copy(), W.copy()), x3 @ W.T,
-                 context=" (at initialisation B = 0, so the output is x @ W.T)")
+                 context=" (at initialisation B = 0, so the output is x @ W.T)",
+                 mistakes=[(np.zeros((2, 5, d_out)), "it is zero: the frozen path x @ W.T is "
+                            "missing (at initialisation B = 0, so the LoRA branch alone is zero)")])
     t.ok("forward at initialisation equals the frozen layer x @ W.T")
 
     lora.A, lora.B = randn(rng, r, d_in, scale=0.5), randn(rng, d_out, r)
