@@ -287,9 +287,6 @@ def test_09_full_finetuning_learning_rate_is_too_small_for_lora():
 
 
 # ==== 10. saving the whole model instead of the adapter ===============================
-@pytest.mark.xfail(raises=ImportError, strict=False,
-                   reason="library bug: peft_io imports checkpoint.atomic_write_text, which "
-                          "does not exist, so save_pretrained fails")
 def test_10_saving_whole_model_instead_of_adapter(tmp_path):
     cfg = GPTConfig(vocab_size=64, context_length=32, d_model=64, n_layers=2, n_heads=4)
     model = get_peft_model(GPT(cfg), LoraConfig(r=4, lora_alpha=8))
