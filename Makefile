@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	cd code/stage-09 && ../../$(PY) main.py
 
+# One BLAS thread: the suite's matrices are small, and a second thread only adds
+# contention (seen here: 30x slower matmuls when the machine is busy).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	cd code/stage-09 && ../../$(PY) bench.py

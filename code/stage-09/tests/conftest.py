@@ -2,8 +2,12 @@
 import os
 import sys
 
-import numpy as np
-import pytest
+# Small matrices: one BLAS thread is as fast and immune to contention on a busy machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
