@@ -230,3 +230,18 @@ def rng_for(seed: int = 0) -> np.random.Generator:
 
 def randn(rng, *shape, scale: float = 1.0) -> np.ndarray:
     return rng.standard_normal(shape) * scale
+
+
+def expect_number(name: str, value, expected, rtol: float = 1e-9, context: str = "") -> float:
+    """A scalar close to ``expected`` (relative tolerance), with both shown on failure."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ExerciseFailure(f"{name} should be a number, got {value!r}") from None
+    if expected == float("inf"):
+        ok = number == float("inf")
+    else:
+        ok = abs(number - expected) <= rtol * max(abs(expected), 1e-300) or number == expected
+    if not ok:
+        raise ExerciseFailure(f"{name} is {number:.6g}, expected {expected:.6g}{context}")
+    return number

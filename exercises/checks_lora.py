@@ -146,3 +146,74 @@ def check_lora_backward(mod, t):
     expect_close("grad_A (square case)", gA, ref.A_grad)
     expect_close("grad_B (square case)", gB, ref.B_grad)
     t.ok("square factors: no transposed gradient")
+
+
+# ------------------------------------------------------------------ 9.9
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+
+def lib_attention(weights, n_heads, alpha=1.0, A=None, B=None):
+    """The library's attention with the learner's frozen weights (zero biases) and,
+    for every key of ``A``, a ``LoRALinear`` holding the learner's factors."""
+    D = weights["q"].shape[0]
+    cfg = GPTConfig(vocab_size=4, context_length=16, d_model=D, n_layers=1, n_heads=n_heads,
+                    dtype=np.float64)
+    attn = CausalSelfAttention(cfg, np.random.default_rng(0))
+    for key, attr in PROJ.items():
+        lin = getattr(attn, attr)
+        lin.weight, lin.bias = np.array(weights[key], dtype=float), np.zeros(D)
+        if A is not None and key in A:
+            wrapper = peft.LoRALinear(lin, lora_rank=np.shape(A[key])[0], lora_alpha=alpha)
+            wrapper.lora.A = np.array(A[key], dtype=float)
+            wrapper.lora.B = np.array(B[key], dtype=float)
+            setattr(attn, attr, wrapper)
+    return attn
+
+
+@exercise("9.9", "ex9_9_lora_attention", "LoRA on multi-head attention: targets, merge, count",
+          "course")
+def check_lora_attention(mod, t):
+    rng = rng_for(99)
+    D, H, r, alpha = 8, 2, 2, 6.0
+    weights = {k: randn(rng, D, D, scale=D ** -0.5) for k in "qkvo"}
+    originals = {k: w.copy() for k, w in weights.items()}
+    make = lambda targets: mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H, rank=r,  # noqa: E731
+                                             alpha=alpha, target_modules=targets)
+    expect_raises(ValueError, lambda: make(["q", "x"]), "target_modules=['q', 'x'] should raise "
+                  "ValueError (valid targets: q, k, v, o)")
+    default = mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H)
+    expect_equal("the default target_modules", sorted(default.lora_A), ["q", "v"])
+    t.ok("validates target_modules; the default targets are q and v")
+
+    x = randn(rng, 2, 5, D)
+    base = lib_attention(weights, H).forward(x)
+    for targets in (["q", "v"], ["q", "k", "v", "o"], ["o"], []):
+        att = make(targets)
+        expect_equal(f"sorted(lora_A) for targets {targets}", sorted(att.lora_A), sorted(targets))
+        for k in targets:
+            expect_shape(f"lora_A[{k!r}]", att.lora_A[k], (r, D), " = (rank, d_model)")
+            expect_shape(f"lora_B[{k!r}]", att.lora_B[k], (D, r), " = (d_model, rank)")
+            expect(not np.any(att.lora_B[k]), f"lora_B[{k!r}] must start at zero")
+        n = len(targets) * r * 2 * D
+        expect_equal(f"num_trainable_parameters() for targets {targets}", att.num_trainable_parameters(),
+                     n, f" = {len(targets)} targets * rank * 2 * d_model")
+        expect_close(f"forward at initialisation (targets {targets})", att.forward(x.copy()), base,
+                     context=" (B = 0: the output equals the frozen attention's)")
+        for k in targets:
+            att.lora_A[k], att.lora_B[k] = randn(rng, r, D, scale=0.5), randn(rng, D, r, scale=0.5)
+        ref = lib_attention(weights, H, alpha, att.lora_A, att.lora_B).forward(x)
+        expect_close(f"forward with trained factors (targets {targets})", att.forward(x.copy()), ref,
+                     mistakes=[(base, "the LoRA terms are missing from the projections")])
+        merged = att.merge()
+        expect_equal("sorted(merge())", sorted(merged), ["k", "o", "q", "v"])
+        for k in "qkvo":
+            expect_unchanged(f"weights[{k!r}]", originals[k], weights[k])
+            if k in targets:
+                expect_close(f"merge()[{k!r}]", merged[k], weights[k] + att.scaling * att.lora_B[k]
+                             @ att.lora_A[k])
+            else:
+                expect(merged[k] is weights[k], f"merge()[{k!r}] (not a target) must be the "
+                       "original array itself, unchanged")
+        plain = lib_attention(merged, H).forward(x)
+        expect_close("the merged attention's output", plain, ref)
+    t.ok("targets q,v / q,k,v,o / o / none: counts, output at init, forward vs the library, merge")
