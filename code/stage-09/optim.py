@@ -27,9 +27,6 @@ class Optimizer:
     """Parameter-group bookkeeping shared by ``SGD`` and ``AdamW``."""
 
     def __init__(self, model, defaults: dict, param_groups=None):
-        for key, value in defaults.items():
-            if key in ("lr", "weight_decay") and not value >= 0:
-                raise ValueError(f"{key} must be >= 0, got {value}")
         self.model, self.defaults = model, dict(defaults)
         trainable = [n for n, _ in model.named_parameters(trainable_only=True)]
         if param_groups is None:
@@ -41,29 +38,38 @@ class Optimizer:
                 self.state[name] = self._init_state(self._param(name))
 
     def _build_groups(self, param_groups, trainable):
-        every = {n for n, _ in self.model.named_parameters()}
-        allowed, seen, groups = set(trainable), {}, []
+        every, allowed = {n for n, _ in self.model.named_parameters()}, set(trainable)
+        seen, groups = {}, []
         for i, group in enumerate(param_groups):
             unknown_keys = set(group) - {"names", *self.defaults}
             if "names" not in group or unknown_keys:
                 raise ValueError(f"param group {i} needs 'names' and may set {sorted(self.defaults)}; "
                                  f"got keys {sorted(group)}")
             for name in group["names"]:
-                if name not in every:
-                    raise ValueError(f"param group {i}: {name!r} is not a parameter of the model")
-                if name not in allowed:
-                    raise ValueError(f"param group {i}: {name!r} is frozen; only trainable "
-                                     f"parameters can be optimized")
-                if name in seen:
-                    raise ValueError(f"{name!r} is in param groups {seen[name]} and {i}; "
-                                     f"each parameter belongs to exactly one group")
+                self._check_name(name, i, every, allowed, seen)
                 seen[name] = i
-            groups.append({**self.defaults, **group, "names": list(group["names"])})
-            groups[-1]["initial_lr"] = groups[-1]["lr"]
+            merged = {**self.defaults, **group, "names": list(group["names"])}
+            for key in ("lr", "weight_decay"):
+                if not merged[key] >= 0:
+                    where = f" (param group {i})" if key in group else ""
+                    raise ValueError(f"{key} must be >= 0, got {merged[key]}{where}")
+            merged["initial_lr"] = merged["lr"]
+            groups.append(merged)
         missing = [n for n in trainable if n not in seen]
         if missing:
             raise ValueError(f"trainable parameters in no param group: {', '.join(missing)}")
         return groups
+
+    @staticmethod
+    def _check_name(name, i, every, trainable, seen):
+        if name not in every:
+            raise ValueError(f"param group {i}: {name!r} is not a parameter of the model")
+        if name not in trainable:
+            raise ValueError(f"param group {i}: {name!r} is frozen; only trainable "
+                             f"parameters can be optimized")
+        if name in seen:
+            raise ValueError(f"{name!r} is in param groups {seen[name]} and {i}; "
+                             f"each parameter belongs to exactly one group")
 
     # ---- name resolution -------------------------------------------------
     def _locate(self, name):

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
 from nn import cross_entropy
 from optim import AdamW, clip_grad_norm, warmup_cosine

@@ -178,7 +178,9 @@ def test_gpt_gradient_with_padding_mask(tiny_model):
         tiny_model.backward(d)
         return _grads(tiny_model, arrays)
 
-    loss_only = lambda: cross_entropy(tiny_model.forward(tokens, attention_mask=mask), targets)[0]  # noqa: E731
+    def loss_only():
+        return cross_entropy(tiny_model.forward(tokens, attention_mask=mask), targets)[0]
+
     check_model_loss(loss_and_backward, loss_only, arrays, tol=1e-6)
 
 
