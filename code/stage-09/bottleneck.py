@@ -9,7 +9,7 @@ course's ``peft.Adapter``: ``h + f(h W_down + b_down) W_up + b_up`` with
 Where an adapter sits in a pre-LN block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``::
 
     houlsby   x + adapter(attn(ln_1 x)),   x + adapter(mlp(ln_2 x))    (Houlsby §2.1)
-    pfeiffer  x + attn(ln_1 x),            x + adapter(mlp(ln_2 x))    (Pfeiffer et al. 2021, §3)
+    pfeiffer  x + attn(ln_1 x),            x + adapter(mlp(ln_2 x))    (Pfeiffer et al. 2021)
     parallel  x + attn(h) + branch(h),     x + mlp(h) + branch(h)      (He et al. 2022, §3)
 
 ``adapter(h) = h + branch(h)`` is serial: it reads the sublayer's output, before

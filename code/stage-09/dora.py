@@ -1,6 +1,6 @@
 """DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024).
 
-DoRA splits a weight into a magnitude and a direction (§3, eq. 2) and lets LoRA
+DoRA splits a weight into a magnitude and a direction (§3) and lets LoRA
 move only the direction, while a learned per-row magnitude ``m`` rescales it::
 
     V  = W + s B A                          (out, in)   LoRA's adapted weight
