@@ -1,0 +1,137 @@
+"""Load exported checkpoints with the real transformers / peft and compare with our numbers.
+
+Run by ``test_hf_export.py`` in a separate process (so that ``import peft`` finds
+Hugging Face's package, not the course's ``peft.py``)::
+
+    python hf_check.py manifest.json results.json
+
+``manifest.json``: ``{"cases": [{"name", "base", "adapter" (or null), "arrays"}]}``.
+``arrays`` is a safetensors file written by our side with
+
+    input_ids (B, T) int64        expected_logits (B, T, V) float32
+    attention_mask (B, T)         optional; compared only where it is 1
+    position_ids (1, T)           optional; passed to the model (prefix tuning)
+    targets (B, T) int64          optional; then the adapter loads trainable and the
+    grad.<peft key>               cross-entropy gradients are compared too
+
+``results.json``: per case the max abs logit difference, the gradient relative
+error ``max|a-b| / max(|a|+|b|)`` (worst tensor), the loading problems, and for
+cases with ``position_ids`` the difference *without* them. This script only
+measures; the test decides what passes. Nothing is unpickled (safetensors, JSON).
+"""
+import json
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import load_file
+from transformers import OPTForCausalLM
+
+import peft
+from peft import PeftModel
+
+# the mini GPT's numbers are float32; make torch match them, not its fast kernels
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_num_threads(2)
+
+
+def load_base(directory):
+    model, info = OPTForCausalLM.from_pretrained(directory, output_loading_info=True,
+                                                 dtype=torch.float32)
+    problems = {k: sorted(v) for k, v in info.items() if v}
+    return model.eval(), problems
+
+
+def load(case, trainable):
+    base, problems = load_base(case["base"])
+    if not case.get("adapter"):
+        return base, problems, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, case["adapter"], is_trainable=trainable)
+    loading = [str(w.message) for w in caught
+               if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    return model.eval(), problems, loading
+
+
+def logits_of(model, arrays, use_position_ids=True):
+    kwargs = {"input_ids": torch.from_numpy(arrays["input_ids"]).long()}
+    if "attention_mask" in arrays:
+        kwargs["attention_mask"] = torch.from_numpy(arrays["attention_mask"]).long()
+    if use_position_ids and "position_ids" in arrays:
+        kwargs["position_ids"] = torch.from_numpy(arrays["position_ids"]).long()
+    logits = model(**kwargs).logits
+    T = arrays["input_ids"].shape[1]
+    return logits[:, -T:]              # prompt tuning returns the virtual positions first
+
+
+def max_diff(logits, arrays):
+    diff = np.abs(logits.detach().numpy() - arrays["expected_logits"])   # (B, T, V)
+    if "attention_mask" in arrays:
+        diff = diff[arrays["attention_mask"].astype(bool)]
+    return float(diff.max())
+
+
+def gradient_error(model, logits, arrays):
+    """Cross-entropy (mean over targets != -100, as ours) backward; worst relative error."""
+    targets = torch.from_numpy(arrays["targets"]).long()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), ignore_index=-100)
+    loss.backward()
+    worst, compared, missing = 0.0, 0, []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name.replace(".default.", ".").removesuffix(".default")
+        expected = arrays.get("grad." + key)
+        if expected is None:
+            missing.append(key)
+            continue
+        a, b = p.grad.numpy(), expected
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max() + np.abs(b).max(), 1e-30)))
+        compared += 1
+    expected_keys = {k[5:] for k in arrays if k.startswith("grad.")}
+    return {"grad_rel_err": worst, "grad_tensors": compared, "grad_without_ours": missing,
+            "grad_not_in_torch": len(expected_keys) - compared, "loss": float(loss)}
+
+
+def run_case(case):
+    arrays = load_file(case["arrays"])
+    trainable = "targets" in arrays
+    model, problems, loading = load(case, trainable)
+    result = {"load_problems": problems, "adapter_load_warnings": loading}
+    with torch.set_grad_enabled(trainable):
+        logits = logits_of(model, arrays)
+        result["max_abs_logit_diff"] = max_diff(logits, arrays)
+        if trainable:
+            result.update(gradient_error(model, logits, arrays))
+    if "position_ids" in arrays:
+        with torch.no_grad():
+            result["diff_without_position_ids"] = max_diff(logits_of(model, arrays, False), arrays)
+    return result
+
+
+def main(manifest_path, out_path):
+    start = time.perf_counter()
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__}, "cases": {}}
+    for case in manifest["cases"]:
+        try:
+            results["cases"][case["name"]] = run_case(case)
+        except Exception as err:                       # report, let the test say which failed
+            results["cases"][case["name"]] = {"error": f"{type(err).__name__}: {err}"}
+    results["seconds"] = time.perf_counter() - start
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    for name, r in results["cases"].items():
+        print(f"{name:20s} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()
+                                         if isinstance(v, float)) + (f" {r['error']}" if "error" in r else ""))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
