@@ -217,3 +217,138 @@ def check_lora_attention(mod, t):
         plain = lib_attention(merged, H).forward(x)
         expect_close("the merged attention's output", plain, ref)
     t.ok("targets q,v / q,k,v,o / o / none: counts, output at init, forward vs the library, merge")
+
+
+# ------------------------------------------------------------------ 9.13
+def lib_mlp(weights, alpha=1.0, A=None, B=None):
+    """The library's MLP with the learner's frozen weights and LoRA factors."""
+    D = weights["fc1"][0].shape[1]
+    cfg = GPTConfig(vocab_size=4, context_length=8, d_model=D, n_layers=1, n_heads=1,
+                    dtype=np.float64)
+    mlp = MLP(cfg, np.random.default_rng(0))
+    for name in ("fc1", "fc2"):
+        lin = getattr(mlp, name)
+        lin.weight, lin.bias = (np.array(a, dtype=float) for a in weights[name])
+        if A is not None and name in A:
+            wrapper = peft.LoRALinear(lin, lora_rank=np.shape(A[name])[0], lora_alpha=alpha)
+            wrapper.lora.A, wrapper.lora.B = np.array(A[name], float), np.array(B[name], float)
+            setattr(mlp, name, wrapper)
+    return mlp
+
+
+@exercise("9.13", "ex9_13_lora_ffn", "LoRA on the feed-forward layers (fc1, fc2)", "suggested")
+def check_lora_ffn(mod, t):
+    rng = rng_for(913)
+    D, r, alpha = 6, 2, 4.0
+    weights = {"fc1": (randn(rng, 4 * D, D, scale=D ** -0.5), randn(rng, 4 * D, scale=0.1)),
+               "fc2": (randn(rng, D, 4 * D, scale=(4 * D) ** -0.5), randn(rng, D, scale=0.1))}
+    make = lambda targets: mod.LoRAMLP(*weights["fc1"], *weights["fc2"], rank=r, alpha=alpha,  # noqa: E731
+                                       target_modules=targets)
+    expect_raises(ValueError, lambda: make(["fc1", "fc3"]), "target_modules=['fc1', 'fc3'] should "
+                  "raise ValueError")
+    x = randn(rng, 2, 3, D)
+    base = lib_mlp(weights).forward(x)
+    for targets in (["fc1", "fc2"], ["fc2"], ["fc1"]):
+        mlp = make(targets)
+        expect_equal(f"sorted(lora_A) for targets {targets}", sorted(mlp.lora_A), sorted(targets))
+        for name in targets:
+            d_out, d_in = weights[name][0].shape
+            expect_shape(f"lora_A[{name!r}]", mlp.lora_A[name], (r, d_in), f" = (rank, in_features of {name})")
+            expect_shape(f"lora_B[{name!r}]", mlp.lora_B[name], (d_out, r), f" = (out_features of {name}, rank)")
+        expect_equal(f"num_trainable_parameters() for {targets}", mlp.num_trainable_parameters(),
+                     len(targets) * r * 5 * D, " = r * (D + 4D) per target")
+        expect_close(f"forward at initialisation ({targets})", mlp.forward(x.copy()), base)
+        for name in targets:
+            mlp.lora_A[name] = randn(rng, *mlp.lora_A[name].shape, scale=0.5)
+            mlp.lora_B[name] = randn(rng, *mlp.lora_B[name].shape, scale=0.5)
+        ref = lib_mlp(weights, alpha, mlp.lora_A, mlp.lora_B)
+        expect_close(f"forward ({targets})", mlp.forward(x.copy()), ref.forward(x))
+        G = randn(rng, 2, 3, D)
+        dx_ref = ref.backward(G)
+        expect_close(f"backward's return value dL/dx ({targets})", mlp.backward(G.copy()), dx_ref)
+        for name in targets:
+            lora = getattr(ref, name).lora
+            expect_close(f"lora_A_grad[{name!r}]", mlp.lora_A_grad.get(name), lora.A_grad,
+                         factors=scaling_factors(alpha / r))
+            expect_close(f"lora_B_grad[{name!r}]", mlp.lora_B_grad.get(name), lora.B_grad,
+                         factors=scaling_factors(alpha / r))
+        merged = mlp.merge()
+        for name in ("fc1", "fc2"):
+            expect_unchanged(f"the frozen {name} weight", weights[name][0], mlp.weights[name][0])
+        expect_close(f"the merged MLP's output ({targets})", lib_mlp(merged).forward(x), ref.forward(x))
+    t.ok("fc1+fc2 / fc2 / fc1: shapes, counts, forward, backward and merge match the library")
+
+    loss = lambda: float(np.sum(mlp.forward(x) * G))  # noqa: E731
+    mlp.forward(x)
+    dx = mlp.backward(G)
+    for name, arr in [("lora_A_grad['fc1']", mlp.lora_A["fc1"]), ("lora_B_grad['fc1']", mlp.lora_B["fc1"])]:
+        grad = mlp.lora_A_grad["fc1"] if "A_grad" in name else mlp.lora_B_grad["fc1"]
+        expect_grad(name, grad, loss, arr)
+    expect_grad("dL/dx", dx, loss, x)
+    t.ok("gradients agree with central differences (float64)")
+
+
+# ------------------------------------------------------------------ 9.14
+@exercise("9.14", "ex9_14_lora_dropout", "LoRA dropout: on the update's input only", "suggested")
+def check_lora_dropout(mod, t):
+    rng = rng_for(914)
+    d_in, d_out, r, alpha, p = 8, 5, 3, 6.0, 0.25
+    layer = mod.LoRADropoutLayer(d_in, d_out, r, alpha, dropout=p, rng=np.random.default_rng(1))
+    layer.A, layer.B = randn(rng, r, d_in, scale=0.5), randn(rng, d_out, r, scale=0.5)
+    ref = lib_lora(layer.A, layer.B, alpha)
+    W, x = randn(rng, d_out, d_in), randn(rng, 2, 4, d_in)
+    layer.eval()
+    expect_close("forward in eval mode", layer.forward(x.copy(), W), ref.forward(x, W),
+                 context=" (no dropout in evaluation)")
+    expect(layer.mask is None, "in eval mode self.mask should be None (dropout is the identity)")
+    t.ok("eval mode: no dropout, same output as plain LoRA")
+
+    layer.train()
+    y = layer.forward(x.copy(), W)
+    mask = expect_shape("self.mask", layer.mask, x.shape, " (one entry per input entry)")
+    values = set(np.round(np.unique(mask), 9))
+    expect(values <= {0.0, round(1 / (1 - p), 9)},
+           f"mask values should be 0 or 1/(1-p) = {1 / (1 - p):.4g} (inverted dropout), yours are "
+           f"{sorted(values)[:4]}" + (": scale the kept entries by 1/(1-p)" if 1.0 in values else ""))
+    x_drop = x * mask
+    branch = ref.delta(x_drop)
+    expect_close("forward in training mode", y, x @ W.T + branch, mistakes=[
+        (x_drop @ W.T + branch, "dropout must not touch the frozen path x @ W.T, only the "
+         "LoRA branch's input")])
+    big = np.ones((200, 50))
+    small = mod.LoRADropoutLayer(50, 4, 2, 4.0, dropout=p, rng=np.random.default_rng(2))
+    small.forward(big, np.zeros((4, 50)))
+    first = np.array(small.mask)
+    dropped = float(np.mean(first == 0))
+    expect(abs(dropped - p) < 0.03, f"with p = {p}, about {p:.0%} of the entries should be dropped; "
+           f"yours dropped {dropped:.1%}")
+    small.forward(big, np.zeros((4, 50)))
+    expect(not np.array_equal(first, small.mask), "every forward pass must draw a new mask")
+    t.ok("training mode: inverted-dropout mask on the branch input only, fresh at every call")
+
+    G = randn(rng, 2, 4, d_out)
+    dx_drop = ref.delta_backward(G)
+    dx = layer.backward(G.copy())
+    expect_close("backward's return value dL/dx", dx, G @ W + dx_drop * mask, mistakes=[
+        (G @ W + dx_drop, "the LoRA part of dL/dx must be multiplied by the forward's mask"),
+        (dx_drop * mask, "dL/dx misses the frozen path grad_output @ W")])
+    expect_close("A_grad", layer.A_grad, ref.A_grad, mistakes=[
+        (_undropped_A_grad(ref, x, G),
+         "A_grad must use the dropped input x * mask, as the forward did")])
+    expect_close("B_grad", layer.B_grad, ref.B_grad)
+    t.ok("backward uses the forward's mask; matches the library's LoRALayer")
+
+    def loss():
+        layer.rng = np.random.default_rng(7)                # the same mask at every call
+        return float(np.sum(layer.forward(x, W) * G))
+    loss()
+    grads = (layer.backward(G), layer.A_grad, layer.B_grad)
+    for name, grad, arr in [("dL/dx", grads[0], x), ("A_grad", grads[1], layer.A), ("B_grad", grads[2], layer.B)]:
+        expect_grad(name, grad, loss, arr)
+    t.ok("gradients agree with central differences (mask held fixed)")
+
+
+def _undropped_A_grad(ref, x, G):
+    """A_grad computed with the input before dropout (a classic mistake)."""
+    dh = ref.scaling * G @ ref.B
+    return dh.reshape(-1, ref.rank).T @ x.reshape(-1, ref.in_features)
