@@ -139,3 +139,64 @@ def check_prompt_tuning(mod, t):
     expect(np.asarray(ext).dtype == mask.dtype,
            f"extend_attention_mask must keep the mask's dtype {mask.dtype}, got {np.asarray(ext).dtype}")
     t.ok("extend_attention_mask: the prompt positions are always visible")
+
+
+# ------------------------------------------------------------------ 9.15
+def _frozen_mlp(weights):
+    """A frozen library MLP (fc1 -> GELU -> fc2) as the sublayer beside the adapter."""
+    from checks_lora import lib_mlp
+    return lib_mlp(weights).freeze()
+
+
+@exercise("9.15", "ex9_15_parallel_adapter", "Parallel adapter: beside the sublayer, not after it",
+          "suggested")
+def check_parallel_adapter(mod, t):
+    from bottleneck import BottleneckWrapper
+    rng = rng_for(915)
+    d, b = 6, 2
+    weights = {"fc1": (randn(rng, 4 * d, d, scale=d ** -0.5), randn(rng, 4 * d, scale=0.1)),
+               "fc2": (randn(rng, d, 4 * d, scale=(4 * d) ** -0.5), randn(rng, d, scale=0.1))}
+    x = randn(rng, 2, 3, d)
+    s_out = _frozen_mlp(weights).forward(x)
+    ad = mod.ParallelAdapter(d, b, rng=np.random.default_rng(1))
+    expect_shape("W_down", ad.W_down, (d, b))
+    expect_shape("W_up", ad.W_up, (b, d))
+    expect_close("the block's output at initialisation", mod.parallel_block(_frozen_mlp(weights), ad, x),
+                 s_out, context=" (W_up = 0: the block equals its frozen sublayer)")
+    t.ok("__init__: shapes; the block starts as its frozen sublayer")
+
+    ad.W_down, ad.W_up = randn(rng, d, b), randn(rng, b, d, scale=0.5)
+    wrapper = BottleneckWrapper(_frozen_mlp(weights))
+    wrapper.adapter = lib_adapter(ad.W_down, ad.W_up, "relu")
+    wrapper.adapter.parallel = True
+    expected = wrapper.forward(x)
+    serial = s_out + np.maximum(s_out @ ad.W_down, 0) @ ad.W_up
+    expect_close("forward(x, sublayer_out)", ad.forward(x.copy(), s_out.copy()), expected, mistakes=[
+        (serial, "the branch must read x (the sublayer's input), not sublayer_out: that is a "
+         "serial adapter"),
+        (expected - s_out, "sublayer_out is missing: add the branch to it")])
+    G = randn(rng, 2, 3, d)
+    dx_ref = wrapper.backward(G)
+    out = ad.backward(G.copy())
+    expect(isinstance(out, tuple) and len(out) == 2, "backward must return a tuple "
+           "(grad_x_branch, grad_sublayer_out)")
+    expect_close("grad_sublayer_out", out[1], G, context=" (y = sublayer_out + branch: the "
+                 "gradient passes through unchanged)")
+    sub = _frozen_mlp(weights)
+    sub.forward(x)
+    expect_close("dL/dx of the block (grad_x_branch + sublayer.backward(grad_sublayer_out))",
+                 sub.backward(np.asarray(out[1])) + np.asarray(out[0]), dx_ref)
+    expect_close("W_up_grad", ad.W_up_grad, wrapper.adapter.W_up_grad)
+    expect_close("W_down_grad", ad.W_down_grad, wrapper.adapter.W_down_grad)
+    t.ok("forward and backward match the library's parallel BottleneckWrapper")
+
+    ad = mod.ParallelAdapter(d, b, activation="tanh", scale=4.0, rng=np.random.default_rng(2))
+    ad.W_up = randn(rng, b, d, scale=0.5)
+    sub = _frozen_mlp(weights)
+    loss = lambda: float(np.sum(mod.parallel_block(sub, ad, x) * G))  # noqa: E731
+    mod.parallel_block(sub, ad, x)
+    dx = mod.parallel_block_backward(sub, ad, G)
+    grads = {"dL/dx": dx, "W_down_grad": ad.W_down_grad, "W_up_grad": ad.W_up_grad}
+    for name, arr in [("dL/dx", x), ("W_down_grad", ad.W_down), ("W_up_grad", ad.W_up)]:
+        expect_grad(f"{name} (tanh, scale 4)", grads[name], loss, arr)
+    t.ok("with tanh and scale = 4: gradients agree with central differences")
