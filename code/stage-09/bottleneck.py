@@ -38,24 +38,46 @@ class BottleneckWrapper(Module):
     (``adapter.parallel``). Keyword arguments (attention's ``attention_mask`` and
     ``prefix``) go to the sublayer untouched. ``disabled`` gives the base sublayer.
 
-    Attributes the wrapper lacks are read from the wrapped sublayer, so code that
-    reads ``block.self_attn.prefix_grad`` (prefix tuning) or ``.att`` keeps working.
+    The wrapper is *transparent*: the sublayer's modules keep their names
+    (``layers.0.self_attn.q_proj``, not ``...self_attn.base_layer.q_proj``), so a
+    LoRA adapter, BitFit's bias names and checkpoints see the same model whether or
+    not adapters are attached, in whichever order methods were added. Its children
+    are the sublayer's children plus ``adapter``; attributes it lacks are read from
+    the sublayer (``block.self_attn.prefix_grad`` for prefix tuning, ``.att``), and
+    replacing one of the sublayer's modules through it (``set_submodule``, as LoRA
+    does) replaces it inside the sublayer. The wrapped sublayer must keep all its
+    parameters in sub-modules (true of attention and the MLP).
     """
 
     adapter_attr = "adapter"
     peft_type = "BOTTLENECK"
 
     def __init__(self, base_layer: Module):
+        if any(True for _ in base_layer.own_parameters()):
+            raise ValueError(f"{type(base_layer).__name__} holds parameters itself; a bottleneck "
+                             f"wrapper only wraps a sublayer whose parameters live in sub-modules")
         super().__init__()
         self.base_layer = base_layer
         self.adapter = None
         self.disabled = False
+
+    def children(self):
+        yield from self.base_layer.children()               # q_proj, ... keep their names
+        if self.adapter is not None:
+            yield "adapter", self.adapter
 
     def __getattr__(self, name):
         # only called for attributes not found normally; never for dunders or the base itself
         if name.startswith("__") or name == "base_layer":
             raise AttributeError(name)
         return getattr(self.base_layer, name)
+
+    def __setattr__(self, name, value):
+        base = self.__dict__.get("base_layer")
+        if base is not None and isinstance(vars(base).get(name), Module):
+            setattr(base, name, value)                      # e.g. LoRA wrapping q_proj
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x, **kwargs):
         self._mode = ("off" if self.adapter is None or self.disabled

@@ -8,6 +8,7 @@ from peft_checks import data, gradcheck_peft, randomise_zero_inits, tiny_base
 from accounting import compare_peft_methods
 from bottleneck import BottleneckWrapper, bottleneck_param_count
 from minigpt import GPT, GPTConfig
+from nn import Linear
 from peft import Adapter
 from peft_model import BottleneckConfig, PrefixTuningConfig, get_peft_model
 
@@ -65,7 +66,19 @@ def test_attention_keywords_pass_through_the_wrapper():
     prefix = tuple(np.random.default_rng(1).standard_normal((2, 3, 2, 4)))
     out = attn(x, attention_mask=mask, prefix=prefix)
     np.testing.assert_allclose(out, attn.adapter(attn.base_layer(x, attention_mask=mask, prefix=prefix)))
-    assert attn.att.shape == (2, 2, 4, 3 + 4) and attn.P == 3     # read from the wrapped attention
+    assert attn.P == 3 and attn.att.size == 2 * 2 * 4 * (3 + 4)  # read from the wrapped attention
+
+
+def test_wrapper_is_transparent_to_names():
+    base = tiny_base()
+    names = [n for n, _ in base.named_parameters()]
+    model = adapter_model(base)
+    frozen = [n for n, _ in model.named_parameters() if ".adapter." not in n]
+    assert frozen == names                                  # q_proj keeps its name, no base_layer
+    attn = model.get_submodule("layers.0.self_attn")
+    assert model.get_submodule("layers.0.self_attn.q_proj") is attn.base_layer.q_proj
+    with pytest.raises(ValueError, match="holds parameters itself"):
+        BottleneckWrapper(Linear(4, 4))
 
 
 def test_bottleneck_from_reduction_factor_and_no_bias_counts():

@@ -123,6 +123,30 @@ def test_dora_and_bottleneck_compose():
     assert any(n.endswith("lora.magnitude") for n in errors)
 
 
+@pytest.mark.parametrize("adapters_first", [True, False])
+def test_lora_and_bottleneck_in_either_order(adapters_first, tmp_path):
+    """The adapter wrapper is transparent: LoRA's paths and names do not depend on the order."""
+    lora, adapters = LoraConfig(r=R), BottleneckConfig(bottleneck_size=2)
+    model = get_peft_model(tiny_base(), adapters if adapters_first else lora)
+    model.add_adapter("other", lora if adapters_first else adapters)
+    lora_name, adapter_name = ("other", "default") if adapters_first else ("default", "other")
+    model.set_adapter(["default", "other"])
+    randomise_zero_inits(model)
+    assert sorted(model.adapters[lora_name].slots) == sorted(
+        f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert "layers.0.self_attn.q_proj.lora.A" in dict(model.named_parameters(trainable_only=True))
+    tokens, targets, mask = data(pad=True)
+    if adapters_first:
+        assert max(gradcheck_peft(model, tokens, targets, mask).values()) <= 1e-6
+    model.set_adapter(lora_name)
+    lora_only = model(tokens, mask)
+    model.save_pretrained(str(tmp_path), adapter_name=lora_name)
+    assert np.array_equal(PeftModel.from_pretrained(tiny_base(), str(tmp_path))(tokens, mask), lora_only)
+    model.delete_adapter(adapter_name)                       # unwraps the sublayers, keeps LoRA
+    assert sorted(p for p, _ in model.wrappers()) == sorted(model.adapters[lora_name].slots)
+    assert np.array_equal(model(tokens, mask), lora_only)
+
+
 @pytest.mark.parametrize("first, second", [
     (LoraConfig(r=2), IA3Config()),
     (IA3Config(), LoraConfig(r=2, use_dora=True)),

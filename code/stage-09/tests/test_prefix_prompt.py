@@ -21,14 +21,23 @@ def prefix_model(base=None, **kw):
 
 
 # ------------------------------------------------------------------ prefix tuning
+def attention_weights(attn, B, H, T, S):
+    """The cached weights as ``(B, H, T, S)`` whichever layout attention keeps them in
+    (query-major ``(B, H, T, S)`` or key-major ``(S, B, H, T)``)."""
+    att = attn.att
+    if att.shape == (S, B, H, T):
+        return att.transpose(1, 2, 3, 0)
+    assert att.shape == (B, H, T, S), att.shape
+    return att
+
+
 def test_prefix_attention_weights_with_a_padding_mask():
     model = prefix_model()
     tokens, _, mask = data(pad=True)                        # row 1: first two keys padded
     T = tokens.shape[1]
     model(tokens, mask)
     for block in model.layers:
-        att = block.self_attn.att                           # (B, H, T, P+T)
-        assert att.shape == (2, 2, T, P + T)
+        att = attention_weights(block.self_attn, 2, 2, T, P + T)   # (B, H, T, P+T)
         np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
         future = np.triu(np.ones((T, T), dtype=bool), k=1)
         assert np.all(att[..., P:][..., future] == 0)       # no query sees a later token
