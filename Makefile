@@ -27,3 +27,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Optional: the Hugging Face checks (transformers + peft load our exports and compute
+# the same logits). Installs the `hf` extra (CPU torch 2.13.0, transformers, peft).
+.PHONY: test-hf
+test-hf: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[hf]"
+	REQUIRE_HF=1 $(PY) -m pytest -q code/stage-09/tests/test_hf_export.py
