@@ -35,7 +35,7 @@ class BottleneckWrapper(Module):
 
     ``forward(x, **kwargs)`` is ``adapter(sublayer(x, **kwargs))`` for a serial
     adapter and ``sublayer(x, **kwargs) + adapter.branch(x)`` for a parallel one
-    (``adapter.parallel``). Keyword arguments (attention's ``attention_mask`` and
+    (``adapter.parallel``; a plain ``peft.Adapter`` is serial). Keyword arguments (attention's ``attention_mask`` and
     ``prefix``) go to the sublayer untouched. ``disabled`` gives the base sublayer.
 
     The wrapper is *transparent*: the sublayer's modules keep their names
@@ -53,7 +53,7 @@ class BottleneckWrapper(Module):
     peft_type = "BOTTLENECK"
 
     def __init__(self, base_layer: Module):
-        if any(True for _ in base_layer.own_parameters()):
+        if next(base_layer.own_parameters(), None) is not None:
             raise ValueError(f"{type(base_layer).__name__} holds parameters itself; a bottleneck "
                              f"wrapper only wraps a sublayer whose parameters live in sub-modules")
         super().__init__()
@@ -81,7 +81,7 @@ class BottleneckWrapper(Module):
 
     def forward(self, x, **kwargs):
         self._mode = ("off" if self.adapter is None or self.disabled
-                      else "parallel" if self.adapter.parallel else "serial")
+                      else "parallel" if getattr(self.adapter, "parallel", False) else "serial")
         h = self.base_layer(x, **kwargs)                    # (B, T, D) the sublayer
         if self._mode == "serial":
             return self.adapter(h)                          # h + branch(h)
