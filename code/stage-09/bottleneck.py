@@ -35,8 +35,9 @@ class BottleneckWrapper(Module):
 
     ``forward(x, **kwargs)`` is ``adapter(sublayer(x, **kwargs))`` for a serial
     adapter and ``sublayer(x, **kwargs) + adapter.branch(x)`` for a parallel one
-    (``adapter.parallel``; a plain ``peft.Adapter`` is serial). Keyword arguments (attention's ``attention_mask`` and
-    ``prefix``) go to the sublayer untouched. ``disabled`` gives the base sublayer.
+    (``adapter.parallel``; a plain ``peft.Adapter`` is serial). Keyword arguments
+    (attention's ``attention_mask`` and ``prefix``) go to the sublayer untouched.
+    ``disabled`` gives the base sublayer.
 
     The wrapper is *transparent*: the sublayer's modules keep their names
     (``layers.0.self_attn.q_proj``, not ``...self_attn.base_layer.q_proj``), so a
