@@ -245,3 +245,17 @@ def expect_number(name: str, value, expected, rtol: float = 1e-9, context: str =
     if not ok:
         raise ExerciseFailure(f"{name} is {number:.6g}, expected {expected:.6g}{context}")
     return number
+
+
+def tiny_gpt(seed: int = 0, d_model: int = 8, n_layers: int = 2, well_scaled: bool = False):
+    """A float64 mini GPT (vocab 11, context 12, 2 heads). ``well_scaled`` redraws every
+    parameter ~ N(0, 1/fan_in) so central differences can resolve its gradients."""
+    from minigpt import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=11, context_length=12, d_model=d_model, n_layers=n_layers,
+                    n_heads=2, dtype=np.float64)
+    model = GPT(cfg, seed=seed)
+    if well_scaled:
+        rng = np.random.default_rng(seed)
+        for _, p in model.named_parameters():
+            p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
+    return model

@@ -352,3 +352,76 @@ def _undropped_A_grad(ref, x, G):
     """A_grad computed with the input before dropout (a classic mistake)."""
     dh = ref.scaling * G @ ref.B
     return dh.reshape(-1, ref.rank).T @ x.reshape(-1, ref.in_features)
+
+
+# ------------------------------------------------------------------ 9.20
+def _dora_reference(A, B, m, alpha, detach_norm):
+    from dora import DoRALayer
+    r, d_in = A.shape
+    ref = DoRALayer(d_in, B.shape[0], rank=r, alpha=alpha, detach_norm=detach_norm, dtype=np.float64)
+    ref.A, ref.B, ref.magnitude = A.copy(), B.copy(), m.copy()
+    return ref
+
+
+def _dora_call(mod, G, cache, detach_norm):
+    out = mod.dora_backward(G.copy(), cache, detach_norm=detach_norm)
+    expect(isinstance(out, tuple) and len(out) == 4, "dora_backward must return a tuple "
+           "(grad_m, grad_A, grad_B, grad_x)")
+    return out
+
+
+@exercise("9.20", "ex9_20_dora_magnitude", "DoRA: the magnitude and direction gradients", "ours")
+def check_dora(mod, t):
+    from dora import row_norm
+    rng = rng_for(920)
+    d_in, d_out, r, alpha = 7, 5, 2, 4.0
+    s = alpha / r
+    W0, x = randn(rng, d_out, d_in, scale=d_in ** -0.5), randn(rng, 2, 3, d_in)
+    m0 = mod.init_magnitude(W0.copy())
+    expect_close("init_magnitude(W0)", m0, row_norm(W0), mistakes=[
+        (np.linalg.norm(W0, axis=0), "that is the norm of each column; DoRA's magnitude has one "
+         "entry per output row: norm over axis 1 of the (out, in) weight")])
+    A = randn(rng, r, d_in, scale=0.5)
+    y0, _ = mod.dora_forward(x.copy(), W0, A, np.zeros((d_out, r)), np.array(m0), s)
+    expect_close("dora_forward at initialisation (B = 0, m = row norms)", y0, x @ W0.T)
+    t.ok("init_magnitude; the layer starts exactly at W0")
+
+    B = randn(rng, d_out, r, scale=0.5)
+    m = row_norm(W0) * (1 + 0.2 * randn(rng, d_out))
+    G = randn(rng, 2, 3, d_out)
+    for detach in (False, True):
+        ref = _dora_reference(A, B, m, alpha, detach)
+        y_ref = ref.forward(x, W0)
+        out = mod.dora_forward(x.copy(), W0.copy(), A.copy(), B.copy(), m.copy(), s)
+        expect(isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict),
+               "dora_forward must return (y, cache) with cache a dict")
+        y, cache = out
+        expect_close("cache['V']", cache.get("V"), ref.V, context=" (V = W0 + scaling * B @ A)")
+        expect_close("cache['norm']", cache.get("norm"), ref.norm, context=" (one norm per output row)")
+        expect_close("cache['W_dora']", cache.get("W_dora"), ref.merge_weights(W0))
+        expect_close("dora_forward's output y", y, y_ref)
+        dx_ref = ref.backward(G)
+        grad_m, grad_A, grad_B, grad_x = _dora_call(mod, G, cache, detach)
+        Gw = G.reshape(-1, d_out).T @ x.reshape(-1, d_in)
+        expect_close("grad_m", grad_m, ref.magnitude_grad, mistakes=[
+            (np.sum(Gw * ref.V, axis=1), "grad_m must use the unit direction V / norm, not V"),
+            (np.sum(Gw * ref.merge_weights(W0), axis=1), "grad_m must use the unit direction "
+             "V / norm, not W_dora")])
+        label = "detach_norm=True" if detach else "exact, detach_norm=False"
+        detached = _dora_reference(A, B, m, alpha, True)
+        detached.forward(x, W0)
+        detached.backward(G)
+        wrong = [] if detach else [(detached.A_grad, "that is the detached approximation (norm held "
+                                    "constant); the exact gradient removes the part of G along V_hat")]
+        expect_close(f"grad_A ({label})", grad_A, ref.A_grad, mistakes=wrong)
+        wrong = [] if detach else [(detached.B_grad, wrong[0][1])]
+        expect_close(f"grad_B ({label})", grad_B, ref.B_grad, mistakes=wrong)
+        expect_close("grad_x", grad_x, dx_ref)
+    t.ok("forward intermediates (V, norm, W_dora) and both backward modes match the library's DoRALayer")
+
+    arrays = {"grad_m": m, "grad_A": A, "grad_B": B, "grad_x": x}
+    loss = lambda: float(np.sum(mod.dora_forward(x, W0, A, B, m, s)[0] * G))  # noqa: E731
+    grads = dict(zip(arrays, _dora_call(mod, G, mod.dora_forward(x, W0, A, B, m, s)[1], False)))
+    for name, arr in arrays.items():
+        expect_grad(f"{name} (exact)", grads[name], loss, arr)
+    t.ok("exact gradients agree with central differences (float64)")

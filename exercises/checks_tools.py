@@ -8,18 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_number, expect_raises,
-                      expect_unchanged, randn, rng_for)
+                      expect_unchanged, randn, rng_for, tiny_gpt)
 from registry import exercise
 
 import accounting
-from minigpt import GPT, GPTConfig
 from peft_model import LoraConfig, PromptTuningConfig, get_peft_model
-
-
-def tiny_gpt(seed=0, d_model=8, n_layers=2):
-    cfg = GPTConfig(vocab_size=11, context_length=12, d_model=d_model, n_layers=n_layers,
-                    n_heads=2, dtype=np.float64)
-    return GPT(cfg, seed=seed)
 
 
 # ------------------------------------------------------------------ 9.10

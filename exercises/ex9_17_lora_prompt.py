@@ -1,0 +1,67 @@
+# Exercise 9.17: your file to edit. Generated from solutions/ex9_17_lora_prompt.py by make_stubs.py (body sha256 02812259e55f).
+"""Exercise 9.17 (suggested) -- LoRA and prompt tuning together, on the mini GPT.
+
+Methods that touch different parts of the model combine freely: a soft prompt
+acts at the *input* (before the blocks), LoRA *inside* the linear layers. Here
+you attach both to the library's mini GPT and write the forward and backward
+that route around them::
+
+    tokens (B, T) ─ model.embed ─> x (B, T, D)          positions 0..T-1, as pretrained
+    [prompt (P, D) ; x]          ─> (B, P + T, D)        the prompt gets no position embedding
+    model.forward_embeds         ─> logits (B, P + T, V) blocks with LoRA on the targets
+    drop the first P positions   ─> logits (B, T, V)     the prompt predicts nothing
+
+and backwards: pad ``dlogits`` with zeros for the prompt positions,
+``model.backward_embeds`` (which fills every LoRA gradient), split the result at
+``P``: the first ``P`` rows, summed over the batch, are the prompt's gradient.
+
+Library pieces you use: ``peft.LoRALinear(linear, lora_rank=..., lora_alpha=..., rng=...)``
+wraps a frozen ``nn.Linear`` (its factors are ``wrapper.lora.A`` / ``.B``, their
+gradients ``.A_grad`` / ``.B_grad``); ``model.freeze()``, ``model.zero_grad()``,
+``model.embed(tokens)``, ``model.forward_embeds(x)``, ``model.backward_embeds(dlogits)``.
+A block's linears are ``model.layers[i].self_attn.{q_proj, k_proj, v_proj, out_proj}``
+and ``model.layers[i].mlp.{fc1, fc2}``.
+
+Check your work:  ``python exercises/check.py 9.17``
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
+                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+from peft import LoRALinear  # noqa: E402  (the library's)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+FEED_FORWARD = ("fc1", "fc2")
+
+
+class LoRAPromptModel:
+    def __init__(self, model, prompt_length=4, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"),
+                 rng=None):
+        """Freeze ``model``; wrap each targeted linear of every block in a ``LoRALinear``;
+        create the prompt. Attributes to set:
+
+            model, prompt_length
+            lora_layers  ``{dotted path: LoRALinear}``, e.g. ``"layers.0.self_attn.q_proj"``
+            prompt       ``(prompt_length, d_model)``: a copy of random rows of the token
+                         embedding table ``model.embed_tokens.weight`` (pick them with
+                         ``rng.integers``)
+        ``ValueError`` for a target that is none of the six linear names.
+        """
+        rng = rng if rng is not None else np.random.default_rng(0)
+        raise NotImplementedError("Exercise 9.17: freeze; wrap the targets block by block (setattr on the parent); prompt rows")
+
+    def forward(self, tokens):
+        """``tokens (B, T)`` -> logits ``(B, T, vocab)`` (the prompt positions dropped)."""
+        raise NotImplementedError("Exercise 9.17: embed, prepend the prompt, run the blocks, drop the prompt's logits")
+
+    def backward(self, dlogits):
+        """``dlogits (B, T, vocab)``: fill every LoRA gradient and ``self.prompt_grad``
+        ``(P, D)``. Start with ``self.model.zero_grad()``: the library *adds* gradients."""
+        raise NotImplementedError("Exercise 9.17: zero, pad dlogits for the prompt, backward through the blocks, split at P")
+
+    def trainable_parameters(self):
+        """``{"prompt": prompt, "<path>.lora.A": A, "<path>.lora.B": B, ...}``."""
+        raise NotImplementedError("Exercise 9.17: the prompt, then both factors of every wrapped layer")
