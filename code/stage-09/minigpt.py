@@ -57,6 +57,9 @@ class GPTConfig:
         return cls(**d)
 
 
+_MASKED = -1e30  # added to masked scores: exp(-1e30 - max) is exactly 0 in float32 and float64
+
+
 def _normal_linear(d_in, d_out, rng, dtype, std=0.02):
     """GPT-2 initialisation: weights N(0, std^2), biases zero."""
     layer = Linear(d_in, d_out, rng=rng, dtype=dtype)
@@ -102,55 +105,65 @@ class CausalSelfAttention(Module):
 
     def forward(self, x, attention_mask=None, prefix=None):
         B, T, D = x.shape
-        q = self._split(self.q_proj(x), B, T)               # (B, H, T, dh)
-        k = self._split(self.k_proj(x), B, T)               # (B, H, T, dh)
-        v = self._split(self.v_proj(x), B, T)               # (B, H, T, dh)
+        H, dh = self.n_heads, self.d_head
+        q = self._split(self.q_proj(x) * self.scale, B, T)  # (B, H, T, dh), scaled by 1/sqrt(dh)
+        k = self.k_proj(x).reshape(B, T, H, dh)             # (B, T, H, dh)
+        v = self.v_proj(x).reshape(B, T, H, dh)             # (B, T, H, dh)
         P = 0
         self.prefix_batched = False
         if prefix is not None:
             pk, pv = prefix
             P = pk.shape[-3]
             self.prefix_batched = pk.ndim == 4
-            pk = np.broadcast_to(pk.swapaxes(-3, -2), (B, self.n_heads, P, self.d_head))
-            pv = np.broadcast_to(pv.swapaxes(-3, -2), (B, self.n_heads, P, self.d_head))
-            k = np.concatenate([pk.astype(k.dtype), k], axis=2)    # (B, H, P+T, dh)
-            v = np.concatenate([pv.astype(v.dtype), v], axis=2)    # (B, H, P+T, dh)
-        scores = q @ k.swapaxes(-1, -2)                     # (B, H, T, P+T)
-        scores *= self.scale
-        allowed = self.build_mask(T, P, attention_mask)
-        np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
-        att = softmax(scores)                               # (B, H, T, P+T)
-        if attention_mask is not None:
+            k = np.concatenate([np.broadcast_to(pk.astype(k.dtype), (B, P, H, dh)), k], axis=1)
+            v = np.concatenate([np.broadcast_to(pv.astype(v.dtype), (B, P, H, dh)), v], axis=1)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # (B, H, P+T, dh) views
+        # scores, key-major: scores[s, b, h, t] = q_t . k_s / sqrt(dh)
+        scores = np.empty((P + T, B, H, T), dtype=q.dtype)  # (P+T, B, H, T)
+        np.matmul(k, q.swapaxes(-1, -2), out=scores.transpose(1, 2, 0, 3))   # (B, H, P+T, T)
+        allowed = self.build_mask(T, P, attention_mask)     # (B|1, 1, T, P+T)
+        zero, masked = scores.dtype.type(0), scores.dtype.type(_MASKED)
+        scores += np.where(allowed, zero, masked).transpose(3, 0, 1, 2)   # (P+T, B|1, 1, T)
+        att = softmax(scores, axis=0)                       # (P+T, B, H, T), over the keys
+        blind = ~allowed.any(-1)                            # (B|1, 1, T): sees no key at all
+        if blind.any():
             # a padded query with no visible key would spread uniformly over masked
             # keys (future ones included); give it zero weights instead
-            att *= allowed
-        y = att @ v                                         # (B, H, T, dh)
-        self.q, self.k, self.v, self.att, self.P = q, k, v, att, P
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, D)        # (B, T, D)
-        return self.out_proj(y)
+            att *= ~blind
+        y = np.empty((B, T, H, dh), dtype=q.dtype)          # heads merged by a free reshape
+        np.matmul(att.transpose(1, 2, 3, 0), v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, dh)
+        self.q, self.k, self.v, self.P = q, k, v, P
+        self.att = att.transpose(1, 2, 3, 0)                # (B, H, T, P+T) view, for reading
+        return self.out_proj(y.reshape(B, T, D))
 
     def backward(self, dout):
         B, T, D = dout.shape
-        q, k, v, att, P = self.q, self.k, self.v, self.att, self.P
+        H, dh = self.n_heads, self.d_head
+        q, k, v, P = self.q, self.k, self.v, self.P
+        att = self.att.transpose(3, 0, 1, 2)                # (P+T, B, H, T), key-major again
+        S, dt = P + T, att.dtype
         dy = self._split(self.out_proj.backward(dout), B, T)   # (B, H, T, dh)
-        datt = dy @ v.swapaxes(-1, -2)                      # (B, H, T, P+T)
-        dv = att.swapaxes(-1, -2) @ dy                      # (B, H, P+T, dh)
-        # softmax backward: dscores = att * (datt - sum(datt * att))
-        datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
-        dscores = att * datt
-        dscores *= self.scale
-        dq = dscores @ k                                    # (B, H, T, dh)
-        dk = dscores.swapaxes(-1, -2) @ q                   # (B, H, P+T, dh)
+        datt = np.empty((S, B, H, T), dtype=dt)             # key-major, like att
+        np.matmul(v, dy.swapaxes(-1, -2), out=datt.transpose(1, 2, 0, 3))    # (B, H, P+T, T)
+        # softmax backward: dscores = att * (datt - sum_s(datt * att))
+        datt -= np.einsum("sbht,sbht->bht", datt, att)
+        datt *= att                                         # dscores (P+T, B, H, T)
+        dq = np.empty((B, T, H, dh), dtype=dt)              # (B, T, H, dh) layouts:
+        dk = np.empty((B, S, H, dh), dtype=dt)              # heads merge by reshape
+        dv = np.empty((B, S, H, dh), dtype=dt)
+        np.matmul(datt.transpose(1, 2, 3, 0), k, out=dq.transpose(0, 2, 1, 3))  # dscores k
+        dq *= self.scale                                    # forward scaled q
+        np.matmul(datt.transpose(1, 2, 0, 3), q, out=dk.transpose(0, 2, 1, 3))  # dscores^T q
+        np.matmul(att.transpose(1, 2, 0, 3), dy, out=dv.transpose(0, 2, 1, 3))  # att^T dy
         if P:
-            dpk, dpv = dk[:, :, :P].swapaxes(1, 2), dv[:, :, :P].swapaxes(1, 2)  # (B, P, H, dh)
+            dpk, dpv = dk[:, :P].copy(), dv[:, :P].copy()   # (B, P, H, dh)
             if not self.prefix_batched:
                 dpk, dpv = dpk.sum(0), dpv.sum(0)           # (P, H, dh)
             self.prefix_grad = (dpk, dpv)
-            dk, dv = dk[:, :, P:], dv[:, :, P:]
-        merge = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, D)  # noqa: E731
-        dx = self.q_proj.backward(merge(dq))
-        dx += self.k_proj.backward(merge(dk))
-        dx += self.v_proj.backward(merge(dv))
+            dk, dv = dk[:, P:], dv[:, P:]                   # (B, T, H, dh)
+        dx = self.q_proj.backward(dq.reshape(B, T, D))
+        dx += self.k_proj.backward(dk.reshape(B, T, D))
+        dx += self.v_proj.backward(dv.reshape(B, T, D))
         return dx
 
 
@@ -255,7 +268,9 @@ class GPT(Module):
             x = block(x, attention_mask=attention_mask,
                       prefix=None if prefixes is None else prefixes[i])
         self.h = self.ln_f(x)                               # (B, T, D)
-        return self.h @ self.embed_tokens.weight.T          # (B, T, V)
+        B, T, D = self.h.shape
+        logits = self.h.reshape(B * T, D) @ self.embed_tokens.weight.T   # (B*T, V), one matmul
+        return logits.reshape(B, T, -1)                     # (B, T, V)
 
     def forward(self, tokens, attention_mask=None, prefixes=None, position_ids=None):
         tokens = self.check_tokens(tokens)
@@ -269,7 +284,8 @@ class GPT(Module):
         if self.embed_tokens.wants_grad("weight"):          # the tied head's share
             self.embed_tokens._accumulate(
                 "weight", dlogits.reshape(-1, V).T @ self.h.reshape(-1, D))
-        dx = self.ln_f.backward(dlogits @ self.embed_tokens.weight)   # (B, T, D)
+        dh = dlogits.reshape(-1, V) @ self.embed_tokens.weight         # (B*T, D)
+        dx = self.ln_f.backward(dh.reshape(self.h.shape))   # (B, T, D)
         for block in reversed(self.layers):
             dx = block.backward(dx)
         return dx
