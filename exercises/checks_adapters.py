@@ -329,3 +329,82 @@ def check_lora_prompt(mod, t):
     expect_grad("prompt_grad", lm.prompt_grad, loss, lm.prompt, tol=1e-6)
     expect_grad(f"{paths[0]}.lora.A_grad", A.A_grad, loss, A.A, tol=1e-6)
     t.ok("gradients agree with central differences through the whole model")
+
+
+# ------------------------------------------------------------------ 9.19
+def _softmax_masked(scores, allowed):
+    s = np.where(allowed, scores, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@exercise("9.19", "ex9_19_prefix_attention_backward", "Attention backward with a key/value prefix",
+          "ours")
+def check_prefix_attention(mod, t):
+    from minigpt import CausalSelfAttention, GPTConfig
+    rng = rng_for(919)
+    B, T, H, dh, P = 2, 4, 2, 4, 3
+    D = H * dh
+    attn = CausalSelfAttention(GPTConfig(d_model=D, n_heads=H, n_layers=1, dtype=np.float64),
+                               np.random.default_rng(0))
+    for _, p in attn.named_parameters():
+        p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
+    x, pk, pv = randn(rng, B, T, D), randn(rng, P, H, dh), randn(rng, P, H, dh)
+    final = attn.forward(x, prefix=(pk, pv))                # the library's whole attention
+    split = lambda z: z.reshape(B, T, H, dh).transpose(0, 2, 1, 3)  # noqa: E731  (B, H, T, dh)
+    q, k, v = (split(x @ lin.weight.T + lin.bias) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+    k_all = np.concatenate([np.broadcast_to(pk.swapaxes(0, 1), (B, H, P, dh)), k], axis=2)
+    v_all = np.concatenate([np.broadcast_to(pv.swapaxes(0, 1), (B, H, P, dh)), v], axis=2)
+    res = mod.prefix_attention_forward(q.copy(), k.copy(), v.copy(), pk.copy(), pv.copy())
+    expect(isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict),
+           "prefix_attention_forward must return (out, cache) with cache a dict")
+    out, cache = res
+    expect_close("cache['k_all']", cache.get("k_all"), k_all, context=" (prefix keys first)")
+    expect_close("cache['v_all']", cache.get("v_all"), v_all)
+    allowed = np.concatenate([np.ones((T, P), bool), np.tril(np.ones((T, T), bool))], axis=1)
+    raw = q @ k_all.swapaxes(-1, -2) / np.sqrt(dh)
+    scores = expect_shape("cache['scores']", cache.get("scores"), (B, H, T, P + T))
+    expect_close("cache['scores'] where a query may look", scores[..., allowed], raw[..., allowed],
+                 factors=[(np.sqrt(dh), "divide the scores by sqrt(d_head)")])
+    att = _softmax_masked(raw, allowed)
+    expect_close("cache['att']", cache.get("att"), att, mistakes=[
+        (_softmax_masked(raw, np.tril(np.ones((T, P + T), bool))), "the prefix must be visible to "
+         "every query: the causal mask applies among the real tokens only"),
+        (_softmax_masked(raw, np.ones((T, P + T), bool)), "the causal mask among the real tokens "
+         "is missing")])
+    expect_close("out", out, att @ v_all)
+    merged = np.asarray(out).transpose(0, 2, 1, 3).reshape(B, T, D)
+    expect_close("out_proj(your out, heads merged)", merged @ attn.out_proj.weight.T + attn.out_proj.bias,
+                 final, context=" (the library's CausalSelfAttention with the same prefix)")
+    t.ok("forward intermediates k_all, v_all, scores, att and out; the whole matches the "
+         "library's attention")
+
+    G = randn(rng, B, T, D)
+    attn.backward(G)
+    dout = split(G @ attn.out_proj.weight)                  # dL/d(attention output), (B, H, T, dh)
+    dout_before = dout.copy()
+    grads = mod.prefix_attention_backward(dout, cache)
+    expect_unchanged("dout", dout_before, dout)
+    expect(isinstance(grads, dict), "prefix_attention_backward must return a dict")
+    datt = dout @ v_all.swapaxes(-1, -2)
+    expect_close("datt", grads.get("datt"), datt)
+    dscores = att * (datt - np.sum(datt * att, -1, keepdims=True))
+    expect_close("dscores", grads.get("dscores"), dscores, mistakes=[
+        (att * datt, "the softmax backward misses the subtraction: "
+         "dscores = att * (datt - sum(datt * att, axis=-1))")])
+    dk_all = dscores.swapaxes(-1, -2) @ q / np.sqrt(dh)
+    dv_all = att.swapaxes(-1, -2) @ dout
+    scale = [(np.sqrt(dh), "the backward of the 1/sqrt(d_head) scaling is missing")]
+    expect_close("dq", grads.get("dq"), dscores @ k_all / np.sqrt(dh), factors=scale)
+    expect_close("dk", grads.get("dk"), dk_all[:, :, P:], factors=scale)
+    expect_close("dv", grads.get("dv"), dv_all[:, :, P:])
+    for name, lib in (("dprefix_k", attn.prefix_grad[0]), ("dprefix_v", attn.prefix_grad[1])):
+        expect_close(name, grads.get(name), lib, context=" = (P, H, d_head): summed over the batch",
+                     factors=[(1 / B, "you averaged over the batch; sum instead")])
+    t.ok("backward, one named intermediate at a time: datt, dscores, dq, dk, dv, and the "
+         "prefix gradients match the library")
+
+    loss = lambda: float(np.sum(mod.prefix_attention_forward(q, k, v, pk, pv)[0] * dout))  # noqa: E731
+    for name, arr in [("dq", q), ("dk", k), ("dv", v), ("dprefix_k", pk), ("dprefix_v", pv)]:
+        expect_grad(name, grads[name], loss, arr)
+    t.ok("gradients agree with central differences (float64)")

@@ -22,6 +22,11 @@ def lib_lora(A, B, alpha):
     return ref
 
 
+def branch_forward(ref, x):
+    """The LoRA branch alone, through the course API: ``forward(x, W)`` with ``W = 0``."""
+    return ref.forward(x, np.zeros((ref.out_features, ref.in_features)))
+
+
 def scaling_factors(s):
     return [(1.0 / s, "did you forget the scaling alpha / r?"),
             (s, "the scaling alpha / r is applied twice")]
@@ -119,8 +124,8 @@ def check_lora_backward(mod, t):
     t.ok("shapes for x of shape (seq, in) and (batch, seq, in)")
 
     ref = lib_lora(A, B, alpha)
-    ref.delta(x)
-    dx_ref = ref.delta_backward(G)
+    branch_forward(ref, x)
+    dx_ref = ref.backward(G)
     zero_hint = ("; B is random here, so it should not be: grad_A flows through B "
                  "(dh = scaling * grad_output @ B). At initialisation B = 0 and grad_A is "
                  "truly zero -- which is why gradient checks need a random B")
@@ -140,8 +145,8 @@ def check_lora_backward(mod, t):
     sq = randn(rng, 4, 4)                                   # square A and B: transposes show
     xs, Gs = randn(rng, 3, 4), randn(rng, 3, 4)
     ref = lib_lora(sq, sq.T.copy() + 1.0, 4.0)
-    ref.delta(xs)
-    ref.delta_backward(Gs)
+    branch_forward(ref, xs)
+    ref.backward(Gs)
     gA, gB, _ = _call_backward(mod, Gs, xs, ref.A, ref.B, ref.scaling)
     expect_close("grad_A (square case)", gA, ref.A_grad)
     expect_close("grad_B (square case)", gB, ref.B_grad)
@@ -311,7 +316,7 @@ def check_lora_dropout(mod, t):
            f"mask values should be 0 or 1/(1-p) = {1 / (1 - p):.4g} (inverted dropout), yours are "
            f"{sorted(values)[:4]}" + (": scale the kept entries by 1/(1-p)" if 1.0 in values else ""))
     x_drop = x * mask
-    branch = ref.delta(x_drop)
+    branch = branch_forward(ref, x_drop)
     expect_close("forward in training mode", y, x @ W.T + branch, mistakes=[
         (x_drop @ W.T + branch, "dropout must not touch the frozen path x @ W.T, only the "
          "LoRA branch's input")])
@@ -327,7 +332,7 @@ def check_lora_dropout(mod, t):
     t.ok("training mode: inverted-dropout mask on the branch input only, fresh at every call")
 
     G = randn(rng, 2, 4, d_out)
-    dx_drop = ref.delta_backward(G)
+    dx_drop = ref.backward(G)
     dx = layer.backward(G.copy())
     expect_close("backward's return value dL/dx", dx, G @ W + dx_drop * mask, mistakes=[
         (G @ W + dx_drop, "the LoRA part of dL/dx must be multiplied by the forward's mask"),
@@ -396,15 +401,16 @@ def check_dora(mod, t):
         expect(isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict),
                "dora_forward must return (y, cache) with cache a dict")
         y, cache = out
-        expect_close("cache['V']", cache.get("V"), ref.V, context=" (V = W0 + scaling * B @ A)")
-        expect_close("cache['norm']", cache.get("norm"), ref.norm, context=" (one norm per output row)")
+        V = W0 + s * B @ A
+        expect_close("cache['V']", cache.get("V"), V, context=" (V = W0 + scaling * B @ A)")
+        expect_close("cache['norm']", cache.get("norm"), row_norm(V), context=" (one norm per output row)")
         expect_close("cache['W_dora']", cache.get("W_dora"), ref.merge_weights(W0))
         expect_close("dora_forward's output y", y, y_ref)
         dx_ref = ref.backward(G)
         grad_m, grad_A, grad_B, grad_x = _dora_call(mod, G, cache, detach)
         Gw = G.reshape(-1, d_out).T @ x.reshape(-1, d_in)
         expect_close("grad_m", grad_m, ref.magnitude_grad, mistakes=[
-            (np.sum(Gw * ref.V, axis=1), "grad_m must use the unit direction V / norm, not V"),
+            (np.sum(Gw * V, axis=1), "grad_m must use the unit direction V / norm, not V"),
             (np.sum(Gw * ref.merge_weights(W0), axis=1), "grad_m must use the unit direction "
              "V / norm, not W_dora")])
         label = "detach_norm=True" if detach else "exact, detach_norm=False"

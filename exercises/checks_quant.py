@@ -85,3 +85,78 @@ def check_qlora_basics(mod, t):
     expect_grad("dL/dx", layer.backward(G), loss, x)
     t.ok("forward and backward through the dequantized weight match the library and central "
          "differences")
+
+
+# ------------------------------------------------------------------ 9.18
+@exercise("9.18", "ex9_18_lora_4bit", "4-bit LoRA (QLoRA) on the whole mini GPT", "suggested")
+def check_lora_4bit(mod, t):
+    from checking import tiny_gpt
+    from nf4 import quantize_nf4
+    from peft_methods import LoraMethod
+    from peft_model import LoraConfig, get_peft_model
+    from quantization import QuantizedLinear, quantize_model
+    rng = rng_for(918)
+    r, alpha, targets = 2, 4.0, ("q_proj", "v_proj", "fc2")
+    model = tiny_gpt(6, well_scaled=True)
+    layers = mod.prepare_4bit_lora(model, targets, rank=r, alpha=alpha, rng=np.random.default_rng(1))
+    paths = [f"layers.{i}.{'mlp' if n == 'fc2' else 'self_attn'}.{n}" for i in range(2) for n in targets]
+    expect_equal("sorted(prepare_4bit_lora(...))", sorted(layers), sorted(paths))
+    for i in range(2):
+        for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "out_proj")), ("mlp", ("fc1", "fc2"))):
+            for n in names:
+                m = model.get_submodule(f"layers.{i}.{sub}.{n}")
+                base = getattr(m, "base_layer", m)
+                expect(isinstance(base, QuantizedLinear), f"layers.{i}.{sub}.{n} should be (or wrap) a "
+                       f"QuantizedLinear, found {type(base).__name__}: quantize every block linear")
+                expect((m is layers.get(f"layers.{i}.{sub}.{n}")) == (n in targets),
+                       f"layers.{i}.{sub}.{n}: {'wrap it with LoRA' if n in targets else 'not a target'}")
+    trainable = [n for n, _ in model.named_parameters(trainable_only=True)]
+    expect(all(".lora." in n for n in trainable), "only the LoRA factors may train; also trainable: "
+           + ", ".join(n for n in trainable if ".lora." not in n)[:200])
+    t.ok("every block linear is 4-bit; the targets are wrapped with LoRA; only A and B train")
+
+    ref = get_peft_model(quantize_model(tiny_gpt(6, well_scaled=True), blocksize=64),
+                         LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
+    for p in paths:
+        mine, theirs = layers[p].lora, ref.base_model.get_submodule(p).lora
+        mine.B[...] = randn(rng, *mine.B.shape, scale=0.5)
+        theirs.A[...], theirs.B[...] = mine.A, mine.B
+    tokens = rng.integers(0, 11, (2, 5))
+    expected = ref(tokens)
+    expect_close("the model's logits", model(tokens), expected,
+                 context=" (compared with quantize_model + get_peft_model)")
+    dlogits = randn(rng, *expected.shape)
+    ref.zero_grad()
+    ref.backward(dlogits)
+    model.zero_grad()
+    model(tokens)
+    model.backward(dlogits)
+    for p in paths:
+        expect_close(f"{p}.lora.A_grad", layers[p].lora.A_grad, ref.base_model.get_submodule(p).lora.A_grad)
+    t.ok("logits and LoRA gradients match the library's QLoRA model")
+
+    codes = {p: layers[p].base_layer.quant_state.packed.copy() for p in paths}
+    before = {p: (layers[p].lora.A.copy(), layers[p].lora.B.copy()) for p in paths}
+    mod.sgd_step(layers, 0.1)
+    for p in paths:
+        lora = layers[p].lora
+        expect_close(f"{p}.lora.A after sgd_step", lora.A, before[p][0] - 0.1 * lora.A_grad)
+        expect_close(f"{p}.lora.B after sgd_step", lora.B, before[p][1] - 0.1 * lora.B_grad)
+        expect_unchanged(f"the 4-bit codes of {p}", codes[p], layers[p].base_layer.quant_state.packed)
+    t.ok("sgd_step updates A and B only; the 4-bit codes are unchanged")
+
+    for p in paths:
+        w = layers[p]
+        expect_close(f"merge_to_float({p})", mod.merge_to_float(w),
+                     LoraMethod().merge_and_unload_module(w).weight)
+    w = layers[paths[0]]
+    w.lora.B[...] *= 0.01                                   # a small update, as after short training
+    merged = w.weight + w.lora.delta_weight()
+    err = np.linalg.norm(quantize_nf4(merged, blocksize=64).dequantize(np.float64) - merged)
+    got = mod.requantization_error(w, blocksize=64)
+    expect(isinstance(got, tuple) and len(got) == 2, "requantization_error must return "
+           "(update_norm, error_norm)")
+    expect_number("update_norm", got[0], float(np.linalg.norm(w.lora.delta_weight())))
+    expect_number("error_norm", got[1], float(err), rtol=1e-6)
+    t.ok(f"merge_to_float; requantization_error (NF4 round-trip error {err:.3g} against an "
+         f"update of norm {got[0]:.3g}: merging into 4 bits can erase what was learned)")
