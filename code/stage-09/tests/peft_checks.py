@@ -8,13 +8,28 @@
 * ``gradcheck_peft``: central differences of the token cross-entropy w.r.t. every
   trainable parameter of a ``PeftModel`` (tol 1e-6, float64).
 """
+import importlib.util
+import os
+
 import numpy as np
-from conftest import well_scaled
 
 from gradcheck import check_model_loss
 from minigpt import GPT, GPTConfig
 from nn import cross_entropy
 from optim import AdamW
+
+
+def _load_conftest():
+    """This directory's ``conftest.py``, by path: ``from conftest import ...`` would pick up
+    ``exercises/conftest.py`` instead when pytest collects both directories."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+    spec = importlib.util.spec_from_file_location("stage09_tests_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+well_scaled = _load_conftest().well_scaled
 
 CFG64 = GPTConfig(vocab_size=11, context_length=12, d_model=8, n_layers=2, n_heads=2,
                   dtype=np.float64)

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import tasks
 import train
-from conftest import well_scaled
 from peft_checks import (CFG64, data, frozen_snapshot, gradcheck_peft, loss_and_grads,
-                         randomise_zero_inits, tiny_base)
+                         randomise_zero_inits, tiny_base, well_scaled)
 
 from accounting import compare_peft_methods
 from gradcheck import check_model_loss

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tasks
 import train
-from conftest import well_scaled
 from peft_checks import (CFG32, CFG64, data, frozen_snapshot, gradcheck_peft, randomise_zero_inits,
-                         small_base, tiny_base, train_steps)
+                         small_base, tiny_base, train_steps, well_scaled)
 
 from minigpt import GPT, GPTConfig
 from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config, LoraConfig,
