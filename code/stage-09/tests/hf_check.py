@@ -15,7 +15,7 @@ Hugging Face's package, not the course's ``peft.py``)::
     grad.<peft key>               cross-entropy gradients are compared too
 
 ``results.json``: per case the max abs logit difference, the gradient relative
-error ``max|a-b| / max(|a|+|b|)`` (worst tensor), the loading problems, and for
+error ``max|a-b| / max(|a|+|b|)`` per tensor, the loading problems, and for
 cases with ``position_ids`` the difference *without* them. This script only
 measures; the test decides what passes. Nothing is unpickled (safetensors, JSON).
 """
@@ -49,9 +49,16 @@ def load(case, trainable):
     base, problems = load_base(case["base"])
     if not case.get("adapter"):
         return base, problems, []
+    with open(f"{case['adapter']}/adapter_config.json") as f:
+        prompt_learning = json.load(f)["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, case["adapter"], is_trainable=trainable)
+        # peft refuses is_trainable=True for a saved prompt-learning adapter; its table
+        # (prompt_encoder.embedding.weight) is still a parameter autograd can reach
+        model = PeftModel.from_pretrained(base, case["adapter"],
+                                          is_trainable=trainable and not prompt_learning)
+    if trainable and prompt_learning:
+        model.prompt_encoder.requires_grad_(True)
     loading = [str(w.message) for w in caught
                if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
     return model.eval(), problems, loading
@@ -76,26 +83,29 @@ def max_diff(logits, arrays):
 
 
 def gradient_error(model, logits, arrays):
-    """Cross-entropy (mean over targets != -100, as ours) backward; worst relative error."""
+    """Cross-entropy (mean over targets != -100, as ours) backward.
+
+    Per tensor ``[max|a-b|, max(|a|+|b|)]``; their ratio is the relative error."""
     targets = torch.from_numpy(arrays["targets"]).long()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              targets.reshape(-1), ignore_index=-100)
     loss.backward()
-    worst, compared, missing = 0.0, 0, []
+    errors, missing = {}, []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # peft's parameter names carry the adapter name; its files do not
         key = name.replace(".default.", ".").removesuffix(".default")
+        key = key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
         expected = arrays.get("grad." + key)
         if expected is None:
             missing.append(key)
             continue
         a, b = p.grad.numpy(), expected
-        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max() + np.abs(b).max(), 1e-30)))
-        compared += 1
+        errors[key] = [float(np.abs(a - b).max()), float((np.abs(a) + np.abs(b)).max())]
     expected_keys = {k[5:] for k in arrays if k.startswith("grad.")}
-    return {"grad_rel_err": worst, "grad_tensors": compared, "grad_without_ours": missing,
-            "grad_not_in_torch": len(expected_keys) - compared, "loss": float(loss)}
+    return {"grad": errors, "grad_without_ours": missing,
+            "grad_not_in_torch": sorted(expected_keys - set(errors)), "loss": float(loss)}
 
 
 def run_case(case):
@@ -129,8 +139,13 @@ def main(manifest_path, out_path):
     with open(out_path, "w") as f:
         json.dump(results, f, indent=2)
     for name, r in results["cases"].items():
-        print(f"{name:20s} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()
-                                         if isinstance(v, float)) + (f" {r['error']}" if "error" in r else ""))
+        grads = r.get("grad", {})
+        scale = max((m for _, m in grads.values()), default=1.0)
+        # a key bias's exact gradient is 0 (softmax ignores a shift shared by all keys)
+        rel = {k: d / (scale if k.endswith("k_proj.bias") else m) for k, (d, m) in grads.items()}
+        worst = f" worst grad rel err {max(rel.values()):.3g} ({max(rel, key=rel.get)})" if rel else ""
+        print(f"{name:20s} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float))
+              + worst + (f" {r['error']}" if "error" in r else ""))
 
 
 if __name__ == "__main__":

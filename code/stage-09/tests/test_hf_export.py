@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -23,6 +24,7 @@ from checkpoint import save_model
 from minigpt import GPT, GPTConfig
 from nn import cross_entropy
 from peft_config import ALL_LINEARS
+from quantization import quantize_model
 from peft_model import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                         PromptTuningConfig, get_peft_model)
 
@@ -278,82 +280,97 @@ def test_cli_writes_base_and_adapter(tmp_path):
 
 
 # ------------------------------------------------------------------ the real ecosystem
-CASES = {   # name -> (config or None for the base alone, uses a right-padded mask)
-    "base": (None, False),
-    "base_right_padded": (None, True),
-    "lora": (LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS), False),
+CASES = {   # name -> (adapter config, or None for the base alone; options)
+    "base": (None, {}),
+    "base_right_padded": (None, {"padded": True}),
+    "lora": (LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS), {"grad": True}),
     "lora_rslora_bias": (LoraConfig(r=4, lora_alpha=6, use_rslora=True, bias="all",
-                                    target_modules=["q_proj", "v_proj"]), False),
-    "dora": (LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "fc1"]), False),
-    "ia3": (IA3Config(), False),
-    "prompt_shift": (PromptTuningConfig(num_virtual_tokens=4, position_convention="shift"), False),
-    "prefix": (PrefixTuningConfig(num_virtual_tokens=3), False),
+                                    target_modules=["q_proj", "v_proj"]), {"grad": True}),
+    "qlora_nf4_base": (LoraConfig(r=4, target_modules=["q_proj", "fc2"]), {"quantized": True}),
+    "dora": (LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "fc1"]),
+             {"grad": True}),
+    "ia3": (IA3Config(), {"grad": True}),
+    "prompt_shift": (PromptTuningConfig(num_virtual_tokens=4, position_convention="shift"), {"grad": True}),
+    "prefix": (PrefixTuningConfig(num_virtual_tokens=3), {"grad": True}),
     "prefix_projection": (PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
-                                             encoder_hidden_size=24), False),
+                                             encoder_hidden_size=24), {}),
 }
+GRAD_CASES = [name for name, (_, opts) in CASES.items() if opts.get("grad")]
 
 
-def lora_grads(pm, ids, targets):
-    """Our hand-written backward: ``{peft key: gradient}`` of the LoRA factors."""
-    logits = pm(ids)
-    _, dlogits = cross_entropy(logits, targets)
+def our_grads(pm, ids, targets, adapter_dir):
+    """Our hand-written backward of the mean cross-entropy, keyed and shaped like peft's tensors."""
+    _, dlogits = cross_entropy(pm(ids), targets)
     pm.zero_grad()
     pm.backward(dlogits)
-    return {"grad." + H.ADAPTER_PREFIX + H.to_hf_name(n): pm.get_grad(n)
-            for n, _ in pm.named_parameters(trainable_only=True)}
+    if "prompt_encoder" in dict(pm.children()):
+        return {"grad.prompt_encoder.embedding.weight": pm.prompt_encoder.prompt_grad}
+    if "prefix_encoder" in dict(pm.children()):
+        g = pm.prefix_encoder.prefix_grad                          # (L, 2, P, H, dh)
+        return {"grad.prompt_encoder.embedding.weight": g.transpose(2, 0, 1, 3, 4).reshape(g.shape[2], -1)}
+    shapes = {k: v.shape for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
+    grads = {}
+    for name, _ in pm.named_parameters(trainable_only=True):
+        key = H.ADAPTER_PREFIX + H.to_hf_name(name)
+        grads["grad." + key] = pm.get_grad(name).reshape(shapes[key])   # ia3: (n,) -> (1, n) / (n, 1)
+    return grads
 
 
-def build_case(name, root, base_dir):
-    config, padded = CASES[name]
+def build_case(name, root):
+    """Our model, its exported files and the numbers peft must reproduce."""
+    config, opts = CASES[name]
     model, ids = scaled_base(), tokens()
+    if opts.get("quantized"):
+        quantize_model(model)
+    base_dir = str(root / ("base_nf4" if opts.get("quantized") else "base"))
+    if not os.path.isdir(base_dir):
+        H.export_base(model, base_dir)
     arrays = {"input_ids": ids.astype(np.int64)}
     case = {"name": name, "base": base_dir, "adapter": None, "arrays": str(root / f"{name}.safetensors")}
+    base_logits = model(ids)
     if config is None:
         mask = np.ones(ids.shape, np.int64)
-        if padded:
+        if opts.get("padded"):
             mask[0, 6:] = 0                                   # right padding
             arrays["attention_mask"] = mask
-        arrays["expected_logits"] = model(ids, attention_mask=mask if padded else None)
+        arrays["expected_logits"] = model(ids, attention_mask=mask)
+        case["effect"] = None
     else:
         pm = randomize_adapter(get_peft_model(model, config))
         case["adapter"] = str(root / name)
-        with pytest.warns(H.PositionConventionWarning) if name.startswith("prefix") else _nothing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", H.PositionConventionWarning)
             H.export_adapter(pm, case["adapter"], base_model_name_or_path=base_dir)
         if name.startswith("prefix"):
             arrays["position_ids"] = H.hf_prefix_position_ids(ids.shape[1], config.num_virtual_tokens)
-        if name == "lora":
+        if opts.get("grad"):
             targets = np.roll(ids, -1, axis=1)
             targets[:, -1] = -100                             # ignored, as in training
             arrays["targets"] = targets.astype(np.int64)
-            arrays.update(lora_grads(pm, ids, targets))
+            arrays.update(our_grads(pm, ids, targets, case["adapter"]))
         arrays["expected_logits"] = pm(ids)
+        case["effect"] = float(np.abs(arrays["expected_logits"] - base_logits).max())
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, case["arrays"])
     return case
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.fixture(scope="module")
 def hf_results(tmp_path_factory):
+    """Build every case, then ONE subprocess loads them all with transformers + peft."""
     if hf_missing():
         pytest.fail(f"REQUIRE_HF is set but {', '.join(hf_missing())} cannot be imported")
     root = tmp_path_factory.mktemp("hf")
-    base_dir = str(root / "base")
-    H.export_base(scaled_base(), base_dir)
-    manifest = {"cases": [build_case(name, root, base_dir) for name in CASES]}
+    manifest = {"cases": [build_case(name, root) for name in CASES]}
     (root / "manifest.json").write_text(json.dumps(manifest))
     run = subprocess.run([sys.executable, CHECK, str(root / "manifest.json"), str(root / "results.json")],
                          cwd=str(root), env=clean_env(), capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         pytest.fail(f"hf_check.py failed:\n{run.stdout}\n{run.stderr[-4000:]}")
     print(run.stdout)
-    return json.loads((root / "results.json").read_text())
+    results = json.loads((root / "results.json").read_text())
+    for case in manifest["cases"]:
+        results["cases"][case["name"]]["effect"] = case["effect"]
+    return results
 
 
 @needs_hf
@@ -365,14 +382,30 @@ def test_hugging_face_computes_our_logits(hf_results, name):
     assert result["max_abs_logit_diff"] <= LOGIT_TOL, (
         f"{name}: max |ours - HF| = {result['max_abs_logit_diff']:.3g} > {LOGIT_TOL} "
         f"({hf_results['versions']})")
+    if result["effect"] is not None:    # the adapter moved the logits: the match is not vacuous
+        assert result["effect"] > 100 * LOGIT_TOL, result
+
+
+def grad_errors(result):
+    """``{tensor: relative error}``. Key biases get the gradient's overall scale as denominator:
+    adding one vector to every key shifts a query's scores equally, so softmax ignores it and
+    their exact gradient is 0 -- both sides hold rounding noise, whose ratio means nothing."""
+    scale = max(m for _, m in result["grad"].values())
+    return {k: d / (scale if k.endswith("k_proj.bias") else m) for k, (d, m) in result["grad"].items()}
 
 
 @needs_hf
-def test_lora_gradient_matches_autograd(hf_results):
-    result = hf_results["cases"]["lora"]
-    assert result["grad_tensors"] == 2 * 6 * CONFIG.n_layers, result
-    assert result["grad_without_ours"] == [] and result["grad_not_in_torch"] == 0, result
-    assert result["grad_rel_err"] <= GRAD_TOL, f"LoRA gradient relative error {result['grad_rel_err']:.3g}"
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradients_match_autograd(hf_results, name):
+    """Our backward vs PyTorch autograd through peft, same loss: every trainable tensor of peft."""
+    result = hf_results["cases"][name]
+    assert "error" not in result, result.get("error")
+    assert result["grad_without_ours"] == [] and result["grad_not_in_torch"] == [], result
+    if name == "lora":
+        assert len(result["grad"]) == 2 * len(ALL_LINEARS) * CONFIG.n_layers, result
+    errors = grad_errors(result)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= GRAD_TOL, f"{name}: gradient of {worst}: relative error {errors[worst]:.3g}"
 
 
 @needs_hf
