@@ -11,16 +11,8 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gradcheck import well_scaled  # noqa: E402,F401  (re-exported for older imports)
 from minigpt import GPT, GPTConfig  # noqa: E402
-
-
-def well_scaled(model, seed=0):
-    """Re-draw every parameter ~ N(0, 1/fan_in) so gradients are large enough for
-    central differences to resolve (GPT-2's 0.02 init makes key gradients ~1e-6)."""
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
-    return model
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import well_scaled
+from gradcheck import well_scaled
 
 from checkpoint import copy_into, save_model
 from gradcheck import GradientMismatch, check_module, compare, numerical_gradient

@@ -1,7 +1,7 @@
 """LoRA in the mini GPT through get_peft_model: exactness and the invariants."""
 import numpy as np
 import pytest
-from conftest import well_scaled
+from gradcheck import well_scaled
 
 from gradcheck import check_model_loss
 from minigpt import GPT, GPTConfig
