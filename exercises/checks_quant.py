@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_grad, expect_number,
-                      expect_shape, expect_unchanged, randn, rng_for)
+                      expect_raises, expect_shape, expect_unchanged, randn, rng_for)
 from checks_lora import lib_lora
 from registry import exercise
 
@@ -160,3 +160,61 @@ def check_lora_4bit(mod, t):
     expect_number("error_norm", got[1], float(err), rtol=1e-6)
     t.ok(f"merge_to_float; requantization_error (NF4 round-trip error {err:.3g} against an "
          f"update of norm {got[0]:.3g}: merging into 4 bits can erase what was learned)")
+
+
+# ------------------------------------------------------------------ 9.21
+@exercise("9.21", "ex9_21_nf4_blockwise", "NF4: blockwise 4-bit NormalFloat, packing, bits per weight",
+          "ours")
+def check_nf4(mod, t):
+    import nf4
+    rng = rng_for(921)
+    W = randn(rng, 8, 16, scale=0.05).astype(np.float32)
+    W[1, 3] = 0.9                                           # an outlier in block 0
+    W[6:, :] = 0.0                                          # block 3 is all zeros
+    bs = 32
+    state = nf4.quantize_nf4(W, blocksize=bs, double_quant=False)
+    codes_ref = nf4.unpack_4bit(state.packed, W.size)
+    out = mod.nf4_quantize(W.copy(), blocksize=bs)
+    expect(isinstance(out, tuple) and len(out) == 2, "nf4_quantize must return (codes, absmax)")
+    codes, absmax = out
+    expect_close("absmax", absmax, state.absmax, mistakes=[
+        (np.abs(W.T).reshape(-1, bs).max(1), "blocks are consecutive values of the row-major "
+         "flattened weight (weight.reshape(-1, blocksize)), not of its columns")])
+    normed_global = (W / np.abs(W).max()).reshape(-1)
+    mid = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2
+    expect_close("codes", np.asarray(codes).reshape(-1), codes_ref, mistakes=[
+        (np.searchsorted(mid, normed_global), "one absmax for the whole tensor: scale each block by "
+         "its own absmax"),
+        (np.clip(np.round((W / np.abs(W).max() + 1) * 7.5), 0, 15).reshape(-1), "that is a uniform "
+         "grid; map each value to the nearest NF4 level (searchsorted on the midpoints)")])
+    back = mod.nf4_dequantize(codes_ref, state.absmax, W.shape, blocksize=bs)
+    expect_close("nf4_dequantize", back, state.dequantize(np.float32), atol=1e-7, rtol=1e-6)
+    expect(not np.any(np.asarray(back)[6:]), "the all-zero block must dequantize to zeros")
+    expect_raises(ValueError, lambda: mod.nf4_quantize(W, blocksize=48),
+                  "nf4_quantize with a blocksize that does not divide the size should raise ValueError")
+    gauss = randn(rng, 64, 64).astype(np.float32)
+    c, a = mod.nf4_quantize(gauss, 64)
+    err_nf4 = float(np.abs(mod.nf4_dequantize(c, a, gauss.shape, 64) - gauss).mean())
+    err_int4 = float(np.abs(quantization.blockwise_absmax_roundtrip(gauss, 4, 64) - gauss).mean())
+    t.ok(f"nf4_quantize / nf4_dequantize match nf4.quantize_nf4 (on normal weights: mean error "
+         f"{err_nf4:.4f} vs {err_int4:.4f} for uniform int4 with the same blocks)")
+
+    for n in (10, 7):
+        raw = rng.integers(0, 16, n)
+        swapped = np.append(raw, np.zeros(n % 2, dtype=raw.dtype)).reshape(-1, 2)[:, ::-1].reshape(-1)
+        packed = mod.pack_4bit(raw.copy())
+        expect_close(f"pack_4bit of {n} codes", np.asarray(packed), nf4.pack_4bit(raw), mistakes=[
+            (nf4.pack_4bit(swapped), "the nibbles are swapped: code 2i goes to the HIGH nibble")])
+        expect(np.asarray(packed).dtype == np.uint8, "pack_4bit must return uint8")
+        expect_close(f"unpack_4bit(packed, {n})", mod.unpack_4bit(nf4.pack_4bit(raw), n), raw)
+    t.ok("pack_4bit / unpack_4bit: two codes per byte, high nibble first")
+
+    expect_number("nf4_bits_per_parameter(64)", mod.nf4_bits_per_parameter(64), 4.5)
+    expect_number("nf4_bits_per_parameter(64, double_quant=True)",
+                  mod.nf4_bits_per_parameter(64, double_quant=True), 4 + 8 / 64 + 32 / (64 * 256))
+    big = randn(rng, 128, 256).astype(np.float32)
+    measured = nf4.quantize_nf4(big, blocksize=64, double_quant=True).bits_per_parameter()
+    mine = mod.nf4_bits_per_parameter(64, double_quant=True)
+    expect(abs(measured - mine) < 1e-3, f"nf4_bits_per_parameter(64, double_quant=True) = {mine:.4f}, "
+           f"but the library's stored bytes give {measured:.4f} bits per weight")
+    t.ok(f"bits per weight: 4.5 with fp32 block constants, {mine:.4f} with double quantization")

@@ -169,3 +169,76 @@ def check_lora_manager(mod, t):
     expect_raises(ValueError, lambda: man.delete_adapter("mix"), "deleting an unknown adapter "
                   "should raise ValueError")
     t.ok("delete_adapter")
+
+
+# ------------------------------------------------------------------ 9.22
+def _regression(seed=922, d=64, r=4, N=256):
+    rng = np.random.default_rng(seed)
+    X, W0 = rng.standard_normal((N, d)), rng.standard_normal((d, d)) / np.sqrt(d)
+    Y = X @ (W0 + (rng.standard_normal((d, r)) / np.sqrt(d)) @ rng.standard_normal((r, d))).T
+    A, B = rng.uniform(-1, 1, (r, d)) / np.sqrt(d), np.zeros((d, r))
+    return X, Y, W0, A, B
+
+
+def _library_losses(X, Y, W0, A, B, lr, ratio, steps):
+    """The same training with the library's LoRALayer and SGD with two parameter groups."""
+    import peft
+    from optim import SGD
+    layer = peft.LoRALayer(X.shape[1], Y.shape[1], rank=A.shape[0], alpha=1.0 * A.shape[0],
+                           dtype=np.float64)
+    layer.A, layer.B = A.copy(), B.copy()
+    opt = SGD(layer, lr=lr, param_groups=[{"names": ["A"], "lr": lr}, {"names": ["B"], "lr": lr * ratio}])
+    losses = []
+    for _ in range(steps):
+        y = layer.forward(X, W0)
+        losses.append(0.5 * float(np.sum((y - Y) ** 2)) / X.shape[0])
+        layer.zero_grad()
+        layer.backward((y - Y) / X.shape[0])
+        opt.step()
+    return np.array(losses)
+
+
+@exercise("9.22", "ex9_22_loraplus", "LoRA+: a larger learning rate for B", "ours")
+def check_loraplus(mod, t):
+    from peft_model import create_loraplus_optimizer
+    pm = get_peft_model(tiny_gpt(4), LoraConfig(r=2, target_modules=["q_proj", "fc1"]))
+    pm.add_adapter("p", PromptTuningConfig(num_virtual_tokens=2))
+    pm.set_adapter(["default", "p"])
+    names = [n for n, _ in pm.named_parameters(trainable_only=True)]
+    for ratio in (16.0, 4.0):
+        ref = create_loraplus_optimizer(pm, 1e-3, loraplus_lr_ratio=ratio).param_groups
+        groups = mod.loraplus_param_groups(list(names), 1e-3, ratio)
+        expect(isinstance(groups, list) and len(groups) == len(ref),
+               f"expected {len(ref)} groups (others, then the B's), got {groups!r}"[:300])
+        for i, (mine, theirs) in enumerate(zip(groups, ref)):
+            expect_equal(f"group {i} names", list(mine["names"]), list(theirs["names"]))
+            expect_number(f"group {i} lr", mine["lr"], theirs["lr"])
+    only_b = mod.loraplus_param_groups(["x.lora.B"], 0.1, 16.0)
+    expect_equal("loraplus_param_groups(['x.lora.B'], 0.1, 16)", only_b,
+                 [{"names": ["x.lora.B"], "lr": 1.6}], " (an empty group is left out)")
+    expect_raises(ValueError, lambda: mod.loraplus_param_groups(names, 1e-3, 0.0),
+                  "loraplus_lr_ratio=0 should raise ValueError")
+    t.ok("loraplus_param_groups matches create_loraplus_optimizer (LoRA + prompt tuning model)")
+
+    X, Y, W0, A, B = _regression()
+    inputs = [a.copy() for a in (X, Y, W0, A, B)]
+    for ratio in (1.0, 16.0):
+        out = mod.train_lora_regression(*inputs, 1.0, 0.01, ratio, 20)
+        expect(isinstance(out, tuple) and len(out) == 3, "train_lora_regression must return "
+               "(losses, A, B)")
+        for name, before, after in zip(("X", "Y", "W0", "A", "B"), (X, Y, W0, A, B), inputs):
+            expect_unchanged(name, before, after)
+        expect_close(f"the losses with ratio {ratio:g}", np.asarray(out[0], dtype=float),
+                     _library_losses(X, Y, W0, A, B, 0.01, ratio, 20), rtol=1e-6,
+                     context=" (20 steps of SGD with the library's LoRALayer)")
+    t.ok("train_lora_regression: the same loss curve as the library's LoRALayer + SGD groups")
+
+    final = {}
+    with np.errstate(all="ignore"):
+        for label, lr, ratio in (("ratio 1", 0.01, 1.0), ("ratio 16", 0.01, 16.0),
+                                 ("both rates x16", 0.16, 1.0)):
+            final[label] = float(mod.train_lora_regression(X, Y, W0, A, B, 1.0, lr, ratio, 100)[0][-1])
+    expect(final["ratio 16"] < 0.1 * final["ratio 1"], f"after 100 steps LoRA+ (ratio 16) should beat "
+           f"ratio 1 by far; losses {final}")
+    summary = ", ".join(f"{k} {v:.3g}" for k, v in final.items())
+    t.ok(f"final losses after 100 steps: {summary} (B alone can take the larger rate)")

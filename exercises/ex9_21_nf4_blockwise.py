@@ -1,0 +1,69 @@
+# Exercise 9.21: your file to edit. Generated from solutions/ex9_21_nf4_blockwise.py by make_stubs.py (body sha256 a9cd70660ce6).
+"""Exercise 9.21 (ours) -- NF4: blockwise 4-bit NormalFloat quantization.
+
+QLoRA stores frozen weights in NF4 (Dettmers et al. 2023, §3)::
+
+    weight (out, in) ─ flatten (row-major) ─> blocks of `blocksize` values
+      ─ divide each block by its absmax ─> values in [-1, 1]
+      ─ nearest of the 16 NF4 levels ─> 4-bit codes 0..15 ─ two per byte ─> packed uint8
+    dequantize:  w ~= NF4_CODEBOOK[code] * absmax[block]
+
+Why it beats the uniform 4-bit grid of exercise 9.12 on weights: the 16 levels sit
+at quantiles of a normal distribution, where pretrained weights actually are,
+and one scale per small block keeps an outlier from flattening every other
+weight of the tensor.
+
+The nearest level: the boundaries between levels are the 15 midpoints
+``(NF4_CODEBOOK[i] + NF4_CODEBOOK[i+1]) / 2``; ``np.searchsorted(midpoints, value)``
+gives the index of the nearest level (a value exactly on a midpoint goes down).
+
+Storage: 4 bits per weight plus one fp32 absmax per block (``32 / blocksize``
+bits per weight). With double quantization (§3) the absmax values are themselves
+stored as int8 with one fp32 scale per ``dq_blocksize`` of them:
+``8 / blocksize + 32 / (blocksize * dq_blocksize)`` bits per weight.
+
+Your tasks: ``nf4_quantize``, ``nf4_dequantize``, ``pack_4bit``, ``unpack_4bit``,
+``nf4_bits_per_parameter``. The codebook is the library's.
+
+Check your work:  ``python exercises/check.py 9.21``
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
+                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+from nf4 import NF4_CODEBOOK  # noqa: E402  (16 ascending levels in [-1, 1], 0 exactly included)
+
+
+def nf4_quantize(weight, blocksize=64):
+    """``weight`` (any shape) -> ``(codes uint8 (numel,), absmax float32 (numel // blocksize,))``.
+
+    Raise ``ValueError`` if ``blocksize`` does not divide ``weight.size``. An
+    all-zero block has absmax 0: divide it by 1 instead (its codes point at level 0.0).
+    """
+    raise NotImplementedError("Exercise 9.21: flatten into (n_blocks, blocksize), absmax per block, normalise, nearest level")
+
+
+def nf4_dequantize(codes, absmax, shape, blocksize=64):
+    """Inverse of ``nf4_quantize``: float32 array of ``shape``."""
+    raise NotImplementedError("Exercise 9.21: look the codes up in the codebook, scale each block by its absmax")
+
+
+def pack_4bit(codes):
+    """``codes (n,)`` in 0..15 -> ``uint8 (ceil(n / 2),)``: code ``2i`` in the high nibble
+    of byte ``i``, code ``2i+1`` in the low nibble; an odd ``n`` is padded with a 0."""
+    raise NotImplementedError("Exercise 9.21: pad to even length, then high << 4 | low")
+
+
+def unpack_4bit(packed, n):
+    """Inverse of ``pack_4bit``: the first ``n`` codes, ``uint8 (n,)``."""
+    raise NotImplementedError("Exercise 9.21: split each byte into its high and low nibble, interleave, cut to n")
+
+
+def nf4_bits_per_parameter(blocksize=64, double_quant=False, dq_blocksize=256):
+    """Storage per weight in bits (large tensors: ignore the single fp32 mean of
+    double quantization): ``4 + 32 / blocksize``, or with double quantization
+    ``4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)``."""
+    raise NotImplementedError("Exercise 9.21: the code bits plus the per-block constant's share")
