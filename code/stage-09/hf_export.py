@@ -53,6 +53,7 @@ import argparse
 import copy
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -60,6 +61,7 @@ import numpy as np
 from checkpoint import load_json, load_model, load_tensors, save_json, save_tensors
 from nn import LayerNorm
 from peft_config import LoraConfig
+from peft_io import _freeze_adapter, _single_active
 from peft_model import PeftModel, get_peft_model
 from targets import matches
 
@@ -221,11 +223,6 @@ def _hf_targets(paths, config):
     return sorted(to_hf_name(p) for p in paths)
 
 
-def _common_config(peft_type, base_model_name_or_path):
-    return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path, "revision": None}
-
-
 def _lora_export(peft_model, state, dtype):
     c, gpt = state.config, peft_model.base_model
     config = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
@@ -328,7 +325,8 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
                          f"fine-tuned model itself with export_base(model.base_model).")
     _gpt_of(peft_model)                             # refuses merged weights
     config, tensors = EXPORTERS[kind](peft_model, state, dtype)
-    config = dict(_common_config(kind, base_model_name_or_path), **config)
+    config = dict(peft_type=kind, task_type="CAUSAL_LM", inference_mode=True,
+                  base_model_name_or_path=base_model_name_or_path, **config)
     os.makedirs(directory, exist_ok=True)
     save_tensors(os.path.join(directory, ADAPTER_WEIGHTS_NAME), tensors,
                  metadata=SAFETENSORS_METADATA)
@@ -336,40 +334,30 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
     return directory
 
 
-def _single_active(peft_model):
-    if len(peft_model.active_adapters) != 1:
-        raise ValueError(f"several adapters are active ({peft_model.active_adapters}); "
-                         f"name the one to export with adapter_name=")
-    return peft_model.active_adapters[0]
-
-
 # ------------------------------------------------------------- LoRA back in
 # peft LoRA options that change what the adapter computes and that our LoRA lacks
-_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "use_qalora": False,
-                "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
-                "modules_to_save": None, "target_parameters": None,
-                "trainable_token_indices": None, "exclude_modules": None}
+_UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
+                "layer_replication", "modules_to_save", "target_parameters", "trainable_token_indices")
 
 
-def _lora_config_from_hf(raw, names):
-    """Our ``LoraConfig`` for a peft ``adapter_config.json``; targets from the file's tensors."""
+def _lora_config_from_hf(raw, names, model_config):
+    """Our ``LoraConfig`` for a peft ``adapter_config.json``; the targets are the file's modules."""
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"import_lora_adapter reads LoRA adapters; this one is "
                          f"peft_type={raw.get('peft_type')!r}")
-    for key, default in _UNSUPPORTED.items():
-        if raw.get(key, default) not in (default, None, [], {}, False):
+    for key in _UNSUPPORTED:
+        if raw.get(key):
             raise ValueError(f"adapter_config.json sets {key}={raw[key]!r}; our LoRA has no such "
                              f"option, so the imported adapter would compute something else")
     paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
     if not paths:
         raise ValueError("the adapter file holds no lora_A / lora_B tensors")
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    targets = _hf_targets(paths, model_config)
     return LoraConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"],
                       lora_dropout=float(raw.get("lora_dropout", 0.0)), bias=raw.get("bias", "none"),
                       use_rslora=bool(raw.get("use_rslora", False)),
                       use_dora=bool(raw.get("use_dora", False)),
-                      target_modules=leaves if isinstance(raw.get("target_modules"), list)
-                      and sorted(raw["target_modules"]) == leaves else paths)
+                      target_modules=targets if "." not in targets[0] else paths)
 
 
 def _attach(model, config, adapter_name):
@@ -412,7 +400,8 @@ def import_lora_adapter(model, directory, adapter_name="default", is_trainable=F
                              f"mini GPT (expected keys like {ADAPTER_PREFIX}model.decoder."
                              f"layers.0.self_attn.q_proj.lora_A.weight)") from None
         tensors[name], hf_keys[name] = arr, key
-    config = _lora_config_from_hf(raw, tensors)
+    gpt = model.base_model if isinstance(model, PeftModel) else model
+    config = _lora_config_from_hf(raw, tensors, gpt.config)
     try:
         trial = _attach(copy.deepcopy(model), config, adapter_name)
     except ImportError as err:
@@ -422,7 +411,6 @@ def import_lora_adapter(model, directory, adapter_name="default", is_trainable=F
     for name, live in peft_model.adapter_state_dict(adapter_name).items():
         live[...] = tensors[name].astype(live.dtype)
     if not is_trainable:
-        from peft_io import _freeze_adapter
         _freeze_adapter(peft_model, adapter_name)
     return peft_model
 
@@ -436,6 +424,15 @@ def main(argv=None):
     parser.add_argument("--adapter", help="our adapter directory (PeftModel.save_pretrained)")
     parser.add_argument("--adapter-out", help="where to write the peft adapter (default: OUT/adapter)")
     args = parser.parse_args(argv)
+    try:
+        export(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export(args):
     model = load_model(args.base)
     export_base(model, args.out)
     print(f"base model -> {args.out} (load with OPTForCausalLM.from_pretrained)")
@@ -448,7 +445,6 @@ def main(argv=None):
         for w in caught:
             print(f"note: {w.message}")
         print(f"adapter -> {adapter_out} (load with peft.PeftModel.from_pretrained(base, dir))")
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Hugging Face's package, not the course's ``peft.py``)::
 
     python hf_check.py manifest.json results.json
 
-``manifest.json``: ``{"cases": [{"name", "base", "adapter" (or null), "arrays"}]}``.
+``manifest.json``: ``{"cases": [{"name", "base", "adapter" (or null), "arrays"}],
+"make": [{"name", "base", "lora": {LoraConfig fields}, "out", "arrays", "logits"}]}``
+("make": peft writes a LoRA adapter and its logits, for our importer to read).
 ``arrays`` is a safetensors file written by our side with
 
     input_ids (B, T) int64        expected_logits (B, T, V) float32
@@ -20,6 +22,7 @@ cases with ``position_ids`` the difference *without* them. This script only
 measures; the test decides what passes. Nothing is unpickled (safetensors, JSON).
 """
 import json
+import os
 import sys
 import time
 import warnings
@@ -31,7 +34,8 @@ from safetensors.numpy import load_file
 from transformers import OPTForCausalLM
 
 import peft
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.numpy import save_file
 
 # the mini GPT's numbers are float32; make torch match them, not its fast kernels
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -124,12 +128,36 @@ def run_case(case):
     return result
 
 
+def make_adapter(task):
+    """peft trains nothing here: it makes a LoRA adapter with random weights on our exported
+    base, saves it the usual way, and records its logits for our ``import_lora_adapter``."""
+    base, _ = load_base(task["base"])
+    torch.manual_seed(task.get("seed", 0))
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
+                                            **task["lora"]))
+    with torch.no_grad():                          # DoRA: move the magnitude off ||W + sBA||
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(task["out"])
+    ids = torch.from_numpy(load_file(task["arrays"])["input_ids"]).long()
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    save_file({"logits": logits.numpy()}, task["logits"])
+    return {"written": sorted(os.listdir(task["out"]))}
+
+
 def main(manifest_path, out_path):
     start = time.perf_counter()
     with open(manifest_path) as f:
         manifest = json.load(f)
     results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "peft": peft.__version__}, "cases": {}}
+                            "peft": peft.__version__}, "cases": {}, "made": {}}
+    for task in manifest.get("make", []):
+        try:
+            results["made"][task["name"]] = make_adapter(task)
+        except Exception as err:
+            results["made"][task["name"]] = {"error": f"{type(err).__name__}: {err}"}
     for case in manifest["cases"]:
         try:
             results["cases"][case["name"]] = run_case(case)

@@ -296,6 +296,11 @@ CASES = {   # name -> (adapter config, or None for the base alone; options)
                                              encoder_hidden_size=24), {}),
 }
 GRAD_CASES = [name for name, (_, opts) in CASES.items() if opts.get("grad")]
+MADE_BY_PEFT = {   # LoRA adapters that peft itself writes, for import_lora_adapter to read
+    "peft_lora_rslora": {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "fc1"]},
+    "peft_dora_all_linear": {"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": "all-linear"},
+    "peft_lora_one_layer": {"r": 2, "target_modules": ["k_proj"], "layers_to_transform": [1]},
+}
 
 
 def our_grads(pm, ids, targets, adapter_dir):
@@ -360,7 +365,10 @@ def hf_results(tmp_path_factory):
     if hf_missing():
         pytest.fail(f"REQUIRE_HF is set but {', '.join(hf_missing())} cannot be imported")
     root = tmp_path_factory.mktemp("hf")
-    manifest = {"cases": [build_case(name, root) for name in CASES]}
+    manifest = {"cases": [build_case(name, root) for name in CASES],
+                "make": [{"name": name, "base": str(root / "base"), "lora": lora, "out": str(root / name),
+                          "arrays": str(root / "base.safetensors"), "logits": str(root / f"{name}.logits")}
+                         for name, lora in MADE_BY_PEFT.items()]}
     (root / "manifest.json").write_text(json.dumps(manifest))
     run = subprocess.run([sys.executable, CHECK, str(root / "manifest.json"), str(root / "results.json")],
                          cwd=str(root), env=clean_env(), capture_output=True, text=True, timeout=600)
@@ -370,6 +378,7 @@ def hf_results(tmp_path_factory):
     results = json.loads((root / "results.json").read_text())
     for case in manifest["cases"]:
         results["cases"][case["name"]]["effect"] = case["effect"]
+    results["root"] = root
     return results
 
 
@@ -406,6 +415,23 @@ def test_gradients_match_autograd(hf_results, name):
     errors = grad_errors(result)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= GRAD_TOL, f"{name}: gradient of {worst}: relative error {errors[worst]:.3g}"
+
+
+@needs_hf
+@pytest.mark.parametrize("name", list(MADE_BY_PEFT))
+def test_import_of_an_adapter_peft_wrote(hf_results, name):
+    """The other direction: peft's own save_pretrained output, read by import_lora_adapter."""
+    made, root = hf_results["made"][name], hf_results["root"]
+    assert "error" not in made, made
+    base_logits = scaled_base()(tokens())
+    back = H.import_lora_adapter(scaled_base(), root / name)
+    theirs = load_file(root / f"{name}.logits")["logits"]
+    diff = float(np.abs(back(tokens()) - theirs).max())
+    assert diff <= LOGIT_TOL, f"{name}: max |ours - peft| = {diff:.3g}"
+    assert np.abs(theirs - base_logits).max() > 100 * LOGIT_TOL     # the adapter does something
+    config = back.peft_config["default"]
+    assert (config.use_dora, config.use_rslora) == (bool(MADE_BY_PEFT[name].get("use_dora")),
+                                                    bool(MADE_BY_PEFT[name].get("use_rslora")))
 
 
 @needs_hf
