@@ -59,6 +59,8 @@ def _key(ex: Exercise):
 def all_exercises() -> list[Exercise]:
     import checks_adapters  # noqa: F401  (each import registers its checkers)
     import checks_lora  # noqa: F401
+    import checks_lora_variants  # noqa: F401
+    import checks_prefix  # noqa: F401
     import checks_quant  # noqa: F401
     import checks_tools  # noqa: F401
     return sorted(_REGISTRY.values(), key=_key)
