@@ -43,6 +43,11 @@ Where the two models differ, and what the export does about it:
 * Prefix tuning with ``prefix_projection=True``: the MLP is evaluated once and the
   resulting table is written with ``prefix_projection: false`` -- what ``peft``
   itself saves; it loads for inference and for further training alike.
+* A 4-bit (QLoRA) base is written dequantized, in float32: our quantized layers
+  dequantize in their forward too, so the HF model computes the same logits.
+* Only LoRA/DoRA come back in (``import_lora_adapter``): it takes the adapted
+  modules from the file's tensor names, so any ``target_modules`` form peft
+  accepts ("all-linear", a regex, ``layers_to_transform``) reads the same.
 
 Files are written atomically (``checkpoint.save_tensors``/``save_json``) and read
 with safetensors and JSON only: nothing is ever unpickled.

@@ -204,6 +204,22 @@ def test_methods_without_a_peft_equivalent_are_refused(tmp_path):
         H.export_adapter(pm, tmp_path)
 
 
+@pytest.mark.parametrize("config", [LoraConfig(r=2, target_modules=ALL_LINEARS), IA3Config(),
+                                    BottleneckConfig(), PrefixTuningConfig(num_virtual_tokens=2)],
+                         ids=["lora", "ia3", "bottleneck", "prefix"])
+def test_export_base_of_a_peft_model_is_its_frozen_base(config):
+    pm = randomize_adapter(get_peft_model(scaled_base(), config))
+    ours, plain = H.base_tensors(pm), H.base_tensors(scaled_base())
+    assert ours.keys() == plain.keys() and all(np.array_equal(ours[k], plain[k]) for k in ours)
+
+
+def test_a_4bit_base_is_written_dequantized():
+    model = quantize_model(scaled_base())
+    tensors = H.base_tensors(model)
+    layer = model.get_submodule("layers.1.mlp.fc2")
+    np.testing.assert_array_equal(tensors["model.decoder.layers.1.fc2.weight"], layer.weight)
+
+
 def test_merged_weights_are_refused(tmp_path):
     pm = randomize_adapter(get_peft_model(scaled_base(), LoraConfig(r=2)))
     pm.merge_adapter()
@@ -277,6 +293,17 @@ def test_cli_writes_base_and_adapter(tmp_path):
     assert sorted(os.listdir(tmp_path / "hf")) == ["adapter", "config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "hf" / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tmp_path / "hf")
+
+
+def test_cli_refuses_what_peft_cannot_express(tmp_path):
+    base = scaled_base()
+    save_model(base, tmp_path / "ckpt")
+    get_peft_model(base, PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path / "ours")
+    run = subprocess.run([sys.executable, os.path.join(STAGE, "hf_export.py"), "--base",
+                          str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--adapter",
+                          str(tmp_path / "ours")], cwd=STAGE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "error:" in run.stderr and "shift" in run.stderr, run.stderr
+    assert not (tmp_path / "hf" / "adapter").exists()
 
 
 # ------------------------------------------------------------------ the real ecosystem
