@@ -58,6 +58,8 @@ def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every
     """
     if steps < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+    if schedule not in (None, "cosine"):
+        raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
     sampler = as_sampler(data, seed)
     optimizer = optimizer if optimizer is not None else AdamW(model, lr=lr, weight_decay=weight_decay)
     named_evals = isinstance(eval_examples, dict)
