@@ -85,3 +85,20 @@ def test_check_command_line(capsys):
     assert check.main(["9.6"]) == 1
     assert "NOT IMPLEMENTED YET" in capsys.readouterr().out
     assert check.main(["no-such-exercise"]) == 2
+
+
+def test_committed_answers_are_fresh():
+    import make_answers
+    assert make_answers.ANSWERS.read_text() == make_answers.generate(), (
+        "answers.md is stale: run `python exercises/make_answers.py`")
+
+
+def test_every_conceptual_question_has_an_answer():
+    import re
+
+    import make_answers
+    heading = re.compile(r"^### (\S+) ", re.M)
+    questions = heading.findall((make_answers.HERE / "conceptual.md").read_text())
+    answers = heading.findall(make_answers.ANSWERS.read_text())
+    assert questions == answers, f"questions {questions} vs answers {answers}"
+    assert {"9.1", "9.2", "9.3", "9.4"} <= set(questions)
