@@ -103,14 +103,14 @@ def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer=
 def memory_report(model, optimizer=None) -> dict:
     """Real bytes held now: frozen weights, trainable weights, gradients, optimizer state.
 
-    Quantized layers report their packed storage (``stored_nbytes``), not the
-    float weight they dequantize to.
+    Quantized layers count their packed storage (``quant_state.nbytes``: codes,
+    block constants), not the float weight they dequantize to.
     """
     frozen = trainable = grads = 0
     for path, module in model.named_modules():
-        stored = getattr(module, "stored_nbytes", None)
-        if stored is not None:
-            frozen += stored()
+        quant = getattr(module, "quant_state", None)        # a 4-bit weight: packed bytes
+        if quant is not None:
+            frozen += quant.nbytes
         for name, value in module.own_parameters():
             if name in module.frozen:
                 frozen += value.nbytes

@@ -344,7 +344,8 @@ class PeftModel(Module):
     def get_nb_trainable_parameters(self):
         trainable = total = 0
         for _, module in self.named_modules():
-            total += getattr(module, "quantized_numel", 0)
+            quant = getattr(module, "quant_state", None)    # a 4-bit weight is still parameters
+            total += quant.numel if quant is not None else 0
             for name, value in module.own_parameters():
                 total += value.size
                 trainable += 0 if name in module.frozen else value.size

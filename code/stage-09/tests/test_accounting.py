@@ -61,3 +61,20 @@ def test_memory_report_counts_real_bytes():
     assert report["gradients"] == 4 * n_lora
     assert report["optimizer_state"] == 2 * 4 * n_lora
     assert report["trainable_state"] == 4 * 4 * n_lora
+
+
+def test_memory_report_counts_packed_nf4_bytes():
+    from quantization import quantize_model
+    cfg = GPTConfig(vocab_size=64, context_length=64, d_model=256, n_layers=4, n_heads=8)
+    model = GPT(cfg)
+    linears = [p for n, p in model.named_parameters() if n.endswith("weight") and "proj" in n
+               or "fc" in n and n.endswith("weight")]
+    float_bytes = sum(p.nbytes for p in linears)
+    before = memory_report(model)["frozen_weights"] + memory_report(model)["trainable_weights"]
+    quantize_model(model)
+    peft = get_peft_model(model, LoraConfig(r=8))
+    after = memory_report(peft)["frozen_weights"]
+    quantized_bytes = after - (before - float_bytes)        # everything else is unchanged
+    assert quantized_bytes <= 0.15 * float_bytes
+    assert peft.get_nb_trainable_parameters()[1] == sum(
+        p.size for _, p in GPT(cfg).named_parameters()) + peft.get_nb_trainable_parameters()[0]

@@ -1,0 +1,142 @@
+"""Tables and plots of the comparison runner's measurements (``compare.py``).
+
+``aggregate`` turns per-run rows into one row per (method, task, rank) with the
+mean and standard deviation over seeds; ``write_results`` prints the table and
+writes ``runs.csv``, ``summary.csv``, ``results.json``, the PNG plots and a
+README naming the command and the machine.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from checkpoint import atomic_write_text
+
+MEAN_FIELDS = ("test_accuracy", "pretrain_accuracy", "ce_rise", "disabled_accuracy",
+               "disabled_ce_rise", "final_loss")
+
+
+def aggregate(rows, base):
+    groups = defaultdict(list)
+    for r in rows:
+        r = dict(r)
+        r["ce_rise"] = r["pretrain_ce"] - base["pretrain_ce"]
+        r["disabled_ce_rise"] = r["disabled_ce"] - base["pretrain_ce"]
+        groups[(r["method"], r["task"], r["rank"], r["lr"])].append(r)
+    summary = []
+    for (method, task, rank, lr), rs in groups.items():
+        s = {"method": method if rank is None else f"lora_r{rank}", "task": task, "rank": rank,
+             "lr": lr, "seeds": len(rs), "trainable_params": rs[0]["trainable_params"],
+             "trainable_pct": rs[0]["trainable_pct"],
+             "step_ms": float(np.median([r["step_ms"] for r in rs])),
+             "trainable_state_bytes": rs[0]["trainable_state_bytes"],
+             "adapter_bytes": rs[0]["adapter_bytes"]}
+        for f in MEAN_FIELDS:
+            values = [r[f] for r in rs]
+            s[f], s[f + "_std"] = float(np.mean(values)), float(np.std(values))
+        summary.append(s)
+    return summary
+
+
+def format_table(summary, base) -> str:
+    head = (f"{'method':<11} {'task':<10} {'trainable':>9} {'%':>7} {'test acc':>13} "
+            f"{'pretrain acc':>12} {'CE rise':>8} {'disabled':>8} {'ms/step':>7} "
+            f"{'state KB':>8} {'file KB':>8}")
+    lines = [f"base model on the pretraining tasks: accuracy {base['pretrain_accuracy']:.3f}, "
+             f"answer cross-entropy {base['pretrain_ce']:.4f}", head, "-" * len(head)]
+    for s in sorted(summary, key=lambda s: (s["task"], s["trainable_params"])):
+        lines.append(
+            f"{s['method']:<11} {s['task']:<10} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
+            f"{s['test_accuracy']:>6.3f}±{s['test_accuracy_std']:.3f} {s['pretrain_accuracy']:>12.3f} "
+            f"{s['ce_rise']:>8.3f} {s['disabled_accuracy']:>8.3f} {s['step_ms']:>7.1f} "
+            f"{s['trainable_state_bytes'] / 1024:>8.1f} {s['adapter_bytes'] / 1024:>8.1f}")
+    lines.append("test acc: mean±std over seeds; pretrain acc / CE rise: the pretraining tasks "
+                 "with the adapter active; disabled: the same tasks with the adapter disabled")
+    return "\n".join(lines)
+
+
+def write_csv(path, rows):
+    if not rows:
+        return
+    fields = list(rows[0])
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_results(summary, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = sorted({s["task"] for s in summary})
+    methods = [s for s in summary if s["rank"] is None]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in (s for s in methods if s["task"] == task):
+            ax.errorbar(s["trainable_params"], s["test_accuracy"], yerr=s["test_accuracy_std"],
+                        fmt="o", capsize=3)
+            ax.annotate(s["method"], (s["trainable_params"], s["test_accuracy"]), fontsize=8,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel="trainable parameters (log)", ylabel="test exact match")
+        ax.set_ylim(-0.05, 1.05)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_params.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in (s for s in methods if s["task"] == task):
+            ax.scatter(s["test_accuracy"], s["ce_rise"])
+            ax.annotate(s["method"], (s["test_accuracy"], s["ce_rise"]), fontsize=8,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.set(title=task, xlabel="downstream test exact match",
+               ylabel="rise of pretraining-task cross-entropy")
+        ax.set_yscale("symlog", linthresh=0.01)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "forgetting_vs_accuracy.png"), dpi=110)
+    plt.close(fig)
+
+    sweep = sorted((s for s in summary if s["rank"] is not None or s["method"] == "lora_all"),
+                   key=lambda s: s["rank"] or 8)
+    sweep_task = next((s["task"] for s in summary if s["rank"] is not None), None)
+    sweep = [s for s in sweep if s["task"] == sweep_task]
+    if len(sweep) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        r = [s["rank"] or 8 for s in sweep]
+        ax.errorbar(r, [s["test_accuracy"] for s in sweep],
+                    yerr=[s["test_accuracy_std"] for s in sweep], fmt="o-", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"LoRA rank sweep on {sweep_task} (every linear)", xlabel="rank r",
+               ylabel="test exact match")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "rank_sweep.png"), dpi=110)
+        plt.close(fig)
+
+
+def write_results(rows, base, out, command, machine, seconds, plots=True):
+    os.makedirs(out, exist_ok=True)
+    summary = aggregate(rows, base)
+    table = format_table(summary, base)
+    print(table)
+    print(f"\n{len(rows)} runs in {seconds / 60:.1f} min on {machine}")
+    write_csv(os.path.join(out, "runs.csv"), rows)
+    write_csv(os.path.join(out, "summary.csv"), summary)
+    meta = {"command": command, "machine": machine, "minutes": round(seconds / 60, 2),
+            "base": base}
+    atomic_write_text(os.path.join(out, "results.json"),
+                      json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
+    if plots:
+        plot_results(summary, out)
+    atomic_write_text(os.path.join(out, "README.md"),
+                      f"# Comparison results\n\nMade by `{command}` in {seconds / 60:.1f} minutes on "
+                      f"{machine}.\n\n```\n{table}\n```\n\nPlots: `accuracy_vs_params.png`, "
+                      f"`forgetting_vs_accuracy.png`, `rank_sweep.png`.\n")
+    return summary
