@@ -221,4 +221,6 @@ def check_lora_attention(mod, t):
                        "original array itself, unchanged")
         plain = lib_attention(merged, H).forward(x)
         expect_close("the merged attention's output", plain, ref)
+        expect(np.allclose(att.forward(x.copy()), ref), "forward(x) changed after merge(): "
+               "merge() must return new arrays and leave the layer itself unchanged")
     t.ok("targets q,v / q,k,v,o / o / none: counts, output at init, forward vs the library, merge")

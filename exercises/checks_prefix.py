@@ -173,15 +173,15 @@ def check_prefix_attention(mod, t):
     expect_close("cache['v_all']", cache.get("v_all"), v_all)
     allowed = np.concatenate([np.ones((T, P), bool), np.tril(np.ones((T, T), bool))], axis=1)
     raw = q @ k_all.swapaxes(-1, -2) / np.sqrt(dh)
-    scores = expect_shape("cache['scores']", cache.get("scores"), (B, H, T, P + T))
-    expect_close("cache['scores'] where a query may look", scores[..., allowed], raw[..., allowed],
-                 factors=[(np.sqrt(dh), "divide the scores by sqrt(d_head)")])
     att = _softmax_masked(raw, allowed)
     expect_close("cache['att']", cache.get("att"), att, mistakes=[
         (_softmax_masked(raw, np.tril(np.ones((T, P + T), bool))), "the prefix must be visible to "
          "every query: the causal mask applies among the real tokens only"),
         (_softmax_masked(raw, np.ones((T, P + T), bool)), "the causal mask among the real tokens "
          "is missing")])
+    scores = expect_shape("cache['scores']", cache.get("scores"), (B, H, T, P + T))
+    expect_close("cache['scores'] where a query may look", scores[..., allowed], raw[..., allowed],
+                 factors=[(np.sqrt(dh), "divide the scores by sqrt(d_head)")])
     expect_close("out", out, att @ v_all)
     merged = np.asarray(out).transpose(0, 2, 1, 3).reshape(B, T, D)
     expect_close("out_proj(your out, heads merged)", merged @ attn.out_proj.weight.T + attn.out_proj.bias,

@@ -52,8 +52,11 @@ def check_qlora_basics(mod, t):
     layer = mod.QLoRALinear(W.copy(), bias.copy(), rank=r, alpha=alpha)
     for name, value in vars(layer).items():
         if isinstance(value, np.ndarray) and value.shape == W.shape and np.issubdtype(value.dtype, np.floating):
-            expect(False, f"self.{name} holds a float ({d_out}, {d_in}) array: QLoRA keeps only the "
+            codes = np.all(value == np.round(value)) and value.min() >= 0 and value.max() <= 15
+            expect(codes, f"self.{name} holds a float ({d_out}, {d_in}) array: QLoRA keeps only the "
                    f"4-bit codes of the frozen weight and dequantizes them in forward")
+            expect(False, f"self.{name} holds the codes as floats ({value.dtype}): store them as "
+                   f"uint8, or the 4-bit layer takes more memory than the float one")
     q_ref, s_ref, z_ref = quantization.quantize_to_4bit(W)
     expect_close("qweight", layer.qweight, q_ref)
     W_deq = quantization.dequantize_4bit(q_ref, s_ref, z_ref)

@@ -223,7 +223,8 @@ def check_loraplus(mod, t):
     X, Y, W0, A, B = _regression()
     inputs = [a.copy() for a in (X, Y, W0, A, B)]
     for ratio in (1.0, 16.0):
-        out = mod.train_lora_regression(*inputs, 1.0, 0.01, ratio, 20)
+        with np.errstate(all="ignore"):                     # a wrong update may diverge
+            out = mod.train_lora_regression(*inputs, 1.0, 0.01, ratio, 20)
         expect(isinstance(out, tuple) and len(out) == 3, "train_lora_regression must return "
                "(losses, A, B)")
         for name, before, after in zip(("X", "Y", "W0", "A", "B"), (X, Y, W0, A, B), inputs):

@@ -1,4 +1,4 @@
-# Exercise 9.18: your file to edit. Generated from solutions/ex9_18_lora_4bit.py by make_stubs.py (body sha256 40a048f2efcb).
+# Exercise 9.18: your file to edit. Generated from solutions/ex9_18_lora_4bit.py by make_stubs.py (body sha256 77a363a1aeb4).
 """Exercise 9.18 (suggested) -- 4-bit LoRA (QLoRA) on the whole mini GPT.
 
 The QLoRA recipe (Dettmers et al. 2023), in two steps and in this order:
@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
-                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+for _parent in Path(__file__).resolve().parents:      # the library: code/stage-09 of the repository
+    if (_parent / "code" / "stage-09").is_dir():
+        sys.path.insert(0, str(_parent / "code" / "stage-09"))
+        break
 from nf4 import quantize_nf4  # noqa: E402
 from peft import LoRALinear  # noqa: E402
 from quantization import QuantizedLinear  # noqa: E402

@@ -1,4 +1,4 @@
-# Exercise 9.21: your file to edit. Generated from solutions/ex9_21_nf4_blockwise.py by make_stubs.py (body sha256 a9cd70660ce6).
+# Exercise 9.21: your file to edit. Generated from solutions/ex9_21_nf4_blockwise.py by make_stubs.py (body sha256 85b5fecab0a0).
 """Exercise 9.21 (ours) -- NF4: blockwise 4-bit NormalFloat quantization.
 
 QLoRA stores frozen weights in NF4 (Dettmers et al. 2023, §3)::
@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
-                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+for _parent in Path(__file__).resolve().parents:      # the library: code/stage-09 of the repository
+    if (_parent / "code" / "stage-09").is_dir():
+        sys.path.insert(0, str(_parent / "code" / "stage-09"))
+        break
 from nf4 import NF4_CODEBOOK  # noqa: E402  (16 ascending levels in [-1, 1], 0 exactly included)
 
 

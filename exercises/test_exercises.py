@@ -102,3 +102,9 @@ def test_every_conceptual_question_has_an_answer():
     answers = heading.findall(make_answers.ANSWERS.read_text())
     assert questions == answers, f"questions {questions} vs answers {answers}"
     assert {"9.1", "9.2", "9.3", "9.4"} <= set(questions)
+
+
+def test_readme_lists_every_exercise():
+    readme = (make_stubs.EXERCISES_DIR / "README.md").read_text()
+    missing = [e.slug for e in EXERCISES if f"`{e.slug}.py`" not in readme]
+    assert not missing, f"exercises/README.md does not list {missing}"

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
-                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+for _parent in Path(__file__).resolve().parents:      # the library: code/stage-09 of the repository
+    if (_parent / "code" / "stage-09").is_dir():
+        sys.path.insert(0, str(_parent / "code" / "stage-09"))
+        break
 from peft import LoRALinear  # noqa: E402  (the library's)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(next(p for p in Path(__file__).resolve().parents
-                            if (p / "code" / "stage-09").is_dir()) / "code" / "stage-09"))
+for _parent in Path(__file__).resolve().parents:      # the library: code/stage-09 of the repository
+    if (_parent / "code" / "stage-09").is_dir():
+        sys.path.insert(0, str(_parent / "code" / "stage-09"))
+        break
 from nf4 import NF4_CODEBOOK  # noqa: E402  (16 ascending levels in [-1, 1], 0 exactly included)
 
 
