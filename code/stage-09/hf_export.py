@@ -234,7 +234,7 @@ def _lora_export(peft_model, state, dtype):
               "target_modules": _hf_targets(list(state.slots), gpt.config), "bias": c.bias,
               "use_rslora": c.use_rslora, "use_dora": c.use_dora, "fan_in_fan_out": False,
               "init_lora_weights": True, "layers_to_transform": None, "modules_to_save": None,
-              "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+              "rank_pattern": {}, "alpha_pattern": {}}    # older peft rejects keys it lacks
     tensors = {}
     for path, layer in state.slots.items():
         for pname, arr in layer.named_parameters():

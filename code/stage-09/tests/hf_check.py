@@ -43,8 +43,7 @@ torch.set_num_threads(2)
 
 
 def load_base(directory):
-    model, info = OPTForCausalLM.from_pretrained(directory, output_loading_info=True,
-                                                 dtype=torch.float32)
+    model, info = OPTForCausalLM.from_pretrained(directory, output_loading_info=True)  # float32
     problems = {k: sorted(v) for k, v in info.items() if v}
     return model.eval(), problems
 
