@@ -37,7 +37,7 @@ Where the two models differ, and what the export does about it:
   ``export_adapter`` refuses it rather than write a file that behaves differently.
 * Prefix tuning: ``peft`` hands the prefix to OPT as a key/value cache of P
   entries, so OPT numbers the real tokens P..P+T-1, while our prefix leaves them
-  at 0..T-1. ``peft`` honours explicit ``position_ids`` (it adds P to them), so
+  at 0..T-1. ``peft`` >= 0.19 honours explicit ``position_ids`` (it adds P), so
   ``model(ids, position_ids=hf_prefix_position_ids(T, P))`` reproduces our logits
   exactly. The export writes the adapter and warns (``PositionConventionWarning``).
 * Prefix tuning with ``prefix_projection=True``: the MLP is evaluated once and the
