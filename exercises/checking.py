@@ -130,8 +130,8 @@ def expect_close(name: str, value, expected, atol: float = 1e-9, rtol: float = 1
                  factors=(), mistakes=(), context: str = "") -> np.ndarray:
     """Compare with the reference; on failure, say *how* it differs.
 
-    ``factors``: ``[(value, explanation), ...]`` -- classic mistakes that scale the
-    answer by a known constant (e.g. a missing ``alpha / r``).
+    ``factors``: ``[(value, explanation), ...]`` or ``[(value, label, explanation), ...]``
+    -- classic mistakes that scale the answer by a known constant (a missing ``alpha / r``).
     ``mistakes``: ``[(wrong_answer, explanation), ...]`` -- what a classic mistake
     computes (e.g. the output without the residual); matched before anything else.
     """
@@ -163,9 +163,10 @@ def diagnose(name, arr, expected, atol, rtol, factors) -> str:
     if denom > 0:
         c = float(np.sum(arr * expected)) / denom
         if c != 0 and close(arr, c * expected):
-            for value, why in factors:
+            for value, *label, why in factors:
                 if abs(c - value) <= 1e-6 * abs(value):
-                    return f"{name} is off by a factor of {value:.4g}: {why}"
+                    named = f"{label[0]} = {value:.4g}" if label else f"{value:.4g}"
+                    return f"{name} is off by a factor of {named}: {why}"
             return f"{name} is off by a constant factor: yours = {c:.4g} x expected"
     idx = np.unravel_index(np.argmax(np.abs(arr - expected)), expected.shape)
     return (f"{name}: right shape, wrong values: worst index {fmt_index(idx)}, "

@@ -28,8 +28,8 @@ def branch_forward(ref, x):
 
 
 def scaling_factors(s):
-    return [(1.0 / s, "did you forget the scaling alpha / r?"),
-            (s, "the scaling alpha / r is applied twice")]
+    return [(1.0 / s, "1/(alpha/r)", "did you forget the scaling alpha / r?"),
+            (s, "alpha/r", "the scaling alpha / r is applied twice")]
 
 
 # ------------------------------------------------------------------ 9.5
