@@ -25,6 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from checkpoint import save_model  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
 from tasks import DOWNSTREAM_TASKS, PRETRAIN_TASKS, MixtureSampler, decode, fixed_test_set  # noqa: E402
@@ -42,7 +44,7 @@ def main(steps=1500, batch_size=32, lr=3e-3, seed=0, save=None, progress=True):
                     batch_size=batch_size, warmup_steps=steps // 20, seed=seed, progress=progress)
     losses = history["losses"]
     print(f"{steps} steps in {time.perf_counter() - start:.1f} s; "
-          f"loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}")
+          f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} (mean of 10 steps)")
     print("\nexact-match accuracy on 200 held-out examples per task:")
     for name, examples in tests.items():
         kind = "pretraining" if name in PRETRAIN_TASKS else "downstream (unseen)"
