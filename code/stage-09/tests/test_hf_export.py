@@ -174,7 +174,8 @@ def test_dora_magnitude_and_ia3_vector_shapes(tmp_path):
     assert ia3[p + "fc2.ia3_l"].shape == (1, 128)              # scales fc2's input
     assert ia3[p + "self_attn.k_proj.ia3_l"].shape == (32, 1)  # scales k_proj's output
     cfg = json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())
-    assert cfg["feedforward_modules"] == ["fc2"] and sorted(cfg["target_modules"]) == ["fc2", "k_proj", "v_proj"]
+    assert cfg["feedforward_modules"] == ["fc2"]
+    assert sorted(cfg["target_modules"]) == ["fc2", "k_proj", "v_proj"]
 
 
 def test_prompt_tuning_with_keep_convention_is_refused(tmp_path):
@@ -324,7 +325,8 @@ CASES = {   # name -> (adapter config, or None for the base alone; options)
 }
 GRAD_CASES = [name for name, (_, opts) in CASES.items() if opts.get("grad")]
 MADE_BY_PEFT = {   # LoRA adapters that peft itself writes, for import_lora_adapter to read
-    "peft_lora_rslora": {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "fc1"]},
+    "peft_lora_rslora": {"r": 4, "lora_alpha": 8, "use_rslora": True,
+                         "target_modules": ["q_proj", "v_proj", "fc1"]},
     "peft_dora_all_linear": {"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": "all-linear"},
     "peft_lora_one_layer": {"r": 2, "target_modules": ["k_proj"], "layers_to_transform": [1]},
 }
@@ -340,7 +342,8 @@ def our_grads(pm, ids, targets, adapter_dir):
     if "prefix_encoder" in dict(pm.children()):
         g = pm.prefix_encoder.prefix_grad                          # (L, 2, P, H, dh)
         return {"grad.prompt_encoder.embedding.weight": g.transpose(2, 0, 1, 3, 4).reshape(g.shape[2], -1)}
-    shapes = {k: v.shape for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
+    files = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    shapes = {k: v.shape for k, v in files.items()}
     grads = {}
     for name, _ in pm.named_parameters(trainable_only=True):
         key = H.ADAPTER_PREFIX + H.to_hf_name(name)
