@@ -67,6 +67,7 @@ from checkpoint import load_json, load_model, load_tensors, save_json, save_tens
 from nn import LayerNorm
 from peft_config import LoraConfig
 from peft_io import _freeze_adapter, _single_active
+from peft_methods import bias_names
 from peft_model import PeftModel, get_peft_model
 from targets import matches
 
@@ -239,9 +240,19 @@ def _lora_export(peft_model, state, dtype):
     for path, layer in state.slots.items():
         for pname, arr in layer.named_parameters():
             tensors[f"{path}.lora.{pname}"] = arr
-    for name in state.trainable:                    # bias="all" / "lora_only"
+    for name in _lora_bias_names(gpt, state):        # trained in place, in the base model
         tensors[name] = gpt.get_parameter(name)
     return config, {ADAPTER_PREFIX + to_hf_name(n): a.astype(dtype) for n, a in tensors.items()}
+
+
+def _lora_bias_names(gpt, state):
+    """The biases ``bias="all"``/``"lora_only"`` trains (from the config: a loaded, frozen
+    adapter has an empty ``state.trainable``, but its biases still differ from the base's)."""
+    if state.config.bias == "all":
+        return bias_names(gpt)
+    if state.config.bias == "lora_only":
+        return [f"{p}.base_layer.bias" for p in state.slots if gpt.get_submodule(p).bias is not None]
+    return []
 
 
 def _ia3_export(peft_model, state, dtype):

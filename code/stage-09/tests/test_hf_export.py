@@ -155,6 +155,19 @@ def test_lora_adapter_files(tmp_path):
     assert len(tensors) == 2 * 2 * 2
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_exported_after_a_frozen_load(tmp_path, bias):
+    pm = randomize_adapter(get_peft_model(scaled_base(), LoraConfig(r=2, bias=bias)))
+    pm.save_pretrained(tmp_path / "ours")
+    loaded = type(pm).from_pretrained(scaled_base(), tmp_path / "ours")    # frozen: trainable == []
+    H.export_adapter(loaded, tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "adapter_model.safetensors")
+    biases = {k for k in tensors if k.endswith("bias")}
+    assert len(biases) == (2 * (6 + 2) + 1 if bias == "all" else 2 * 2)   # LayerNorms included
+    key = "base_model.model.model.decoder.layers.0.self_attn.q_proj.base_layer.bias"
+    np.testing.assert_array_equal(tensors[key], pm.get_parameter("layers.0.self_attn.q_proj.base_layer.bias"))
+
+
 def test_targets_outside_a_leaf_pattern_are_written_in_full(tmp_path):
     config = LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1])
     H.export_adapter(get_peft_model(scaled_base(), config), tmp_path)
