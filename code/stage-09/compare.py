@@ -25,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")     # small matmuls; runs go 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import multiprocessing as mp  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -156,7 +157,9 @@ def base_metrics(n_forget):
 
 def run_all(specs, workers=2, progress=True):
     rows = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # "spawn": a fresh interpreter per worker (a forked child would inherit dead
+    # thread pools and locks from the parent)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         for row in tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
                         desc="fine-tuning runs"):
             rows.append(row)
