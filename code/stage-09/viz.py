@@ -1,0 +1,264 @@
+"""Small helpers the notebooks share: run sizes, one fine-tuning run, timing, spectra, plots.
+
+The notebooks in ``notebooks/`` stay thin: they import the library, explain,
+measure and plot. What they need beyond the library's own API lives here:
+
+* ``quick_mode`` / ``pick``: ``PEFT_NOTEBOOK_QUICK=1`` shrinks every run so the
+  test suite can execute the notebooks in seconds (the committed outputs come
+  from a full run);
+* ``load_base``: the shipped pretrained mini GPT (``pretrain.PRETRAINED_DIR``);
+* ``finetune``: one fine-tuning run with any PEFT config, the same recipe as
+  ``compare.run`` (AdamW, warm-up + cosine, gradient clipping at 1, a fixed
+  training set, exact-match accuracy on the task's held-out test set);
+* ``time_interleaved``: median wall time of several functions timed in turn
+  (A B C A B C ...), so a shared machine that slows down slows all of them alike;
+* ``effective_rank`` / ``entropy_effective_rank``: how many directions a weight
+  update really uses;
+* ``ShiftedPositions``: the base model reading its tokens at positions
+  ``shift..shift+T-1`` (what prompt tuning's ``"shift"`` convention does to it);
+* plots: attention with prefix columns, the NF4 levels over a weight histogram.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+QUICK_ENV = "PEFT_NOTEBOOK_QUICK"
+BASE_ENV = "PEFT_PRETRAINED_DIR"          # another base directory (development only)
+
+
+# ---- run sizes ------------------------------------------------------------------
+def quick_mode() -> bool:
+    """True when ``PEFT_NOTEBOOK_QUICK=1``: notebooks shrink their runs (tests)."""
+    return os.environ.get(QUICK_ENV, "") not in ("", "0")
+
+
+def pick(full, quick):
+    """``quick`` in quick mode, else ``full`` (steps, sweep values, test-set sizes)."""
+    return quick if quick_mode() else full
+
+
+# ---- the pretrained base --------------------------------------------------------
+def base_dir() -> str:
+    from pretrain import PRETRAINED_DIR
+    return os.environ.get(BASE_ENV) or PRETRAINED_DIR
+
+
+def load_base():
+    """A fresh copy of the shipped pretrained mini GPT (every call loads a new one)."""
+    from checkpoint import load_model
+    directory = base_dir()
+    if not os.path.exists(os.path.join(directory, "model.safetensors")):
+        raise FileNotFoundError(f"no pretrained base in {directory}; "
+                                f"run `python code/stage-09/pretrain.py` to make it")
+    return load_model(directory)
+
+
+# ---- one fine-tuning run ----------------------------------------------------------
+def finetune(config, task, steps, lr, seed=0, n_train=2000, n_test=500, batch_size=32,
+             quantize=False, base=None, test_examples=None):
+    """Fine-tune the pretrained base with ``config`` on ``task``; returns a dict.
+
+    ``config`` is any PEFT config (``FullFineTuningConfig()`` for full fine-tuning).
+    ``quantize=True`` stores every linear of the base in NF4 first (QLoRA).
+    The dict holds ``model`` (the trained ``PeftModel``), ``accuracy`` (exact match
+    on ``n_test`` held-out examples, or on ``test_examples``), ``trainable`` and
+    ``total`` parameters, ``losses``, ``seconds`` and ``ms_per_step``.
+    """
+    from peft_config import ALL_LINEARS
+    from peft_model import get_peft_model
+    from tasks import fixed_test_set, make_examples
+    from train import evaluate, train
+    model = load_base() if base is None else base
+    if quantize:
+        from quantization import quantize_model
+        quantize_model(model, "nf4", ALL_LINEARS)
+    peft_model = get_peft_model(model, config, seed=seed)
+    history = train(peft_model, make_examples(task, n_train, seed=0), steps, lr=lr,
+                    batch_size=batch_size, seed=seed, progress=False,
+                    warmup_steps=max(1, steps // 20))
+    tests = test_examples if test_examples is not None else fixed_test_set(task, n_test)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return {"model": peft_model, "accuracy": evaluate(peft_model, tests),
+            "trainable": trainable, "total": total, "losses": history["losses"],
+            "seconds": history["seconds"], "ms_per_step": 1000 * history["seconds"] / max(steps, 1)}
+
+
+# ---- timing -------------------------------------------------------------------
+def time_interleaved(fns: dict, repeats=30, warmup=3) -> dict:
+    """Median milliseconds of each ``fn()`` in ``fns``, timed in turn round by round.
+
+    Returns ``{name: {"median_ms", "min_ms"}}``. Interleaving (A B C A B C ...)
+    instead of timing A fully, then B, keeps a drifting machine load from
+    favouring whichever ran last.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t))}
+            for name, t in times.items()}
+
+
+# ---- spectra ------------------------------------------------------------------
+def effective_rank(singular_values, energy=0.9) -> int:
+    """Fewest singular directions holding ``energy`` of the squared Frobenius norm."""
+    s2 = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1] ** 2
+    if s2.sum() == 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(s2) / s2.sum(), energy) + 1)
+
+
+def entropy_effective_rank(singular_values) -> float:
+    """``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli 2007): between 1 (one
+    direction) and ``len(s)`` (all singular values equal)."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+# ---- the base model at shifted positions ----------------------------------------
+class ShiftedPositions:
+    """The base model reading its real tokens at positions ``shift..shift+T-1``.
+
+    That is exactly what prompt tuning's ``"shift"`` convention does to the real
+    tokens, minus the prompt: evaluating this wrapper measures how much a small
+    model trained only at positions ``0..T-1`` is hurt by the move alone.
+    It has what ``train.evaluate`` needs: ``forward``, ``generate``, ``train``/``eval``.
+    """
+
+    def __init__(self, model, shift: int):
+        self.model, self.shift = model, int(shift)
+
+    @property
+    def training(self):
+        return self.model.training
+
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward(self, tokens):
+        T = np.asarray(tokens).shape[1]
+        if self.shift + T > self.model.config.context_length:
+            raise ValueError(f"shift {self.shift} + length {T} exceeds the context length")
+        return self.model.forward(tokens, position_ids=np.arange(self.shift, self.shift + T))
+
+    def generate(self, tokens, max_new_tokens, eos_id=None):
+        return self.model.generate(tokens, max_new_tokens, eos_id, forward=self.forward)
+
+
+# ---- plots --------------------------------------------------------------------
+def plot_attention(ax, att, labels, num_prefix=0, title=""):
+    """Heatmap of one head's attention ``att (T, P+T)``; the prefix columns are marked.
+
+    ``labels``: the ``T`` query token names; the key axis shows ``p0..`` for the
+    prefix slots followed by the same token names.
+    """
+    T = len(labels)
+    im = ax.imshow(att, cmap="viridis", vmin=0, vmax=max(float(att.max()), 1e-9), aspect="auto")
+    keys = [f"p{i}" for i in range(num_prefix)] + list(labels)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=90, fontsize=7)
+    ax.set_yticks(range(T))
+    ax.set_yticklabels(labels, fontsize=7)
+    if num_prefix:
+        ax.axvline(num_prefix - 0.5, color="white", lw=1.5)
+    ax.set(xlabel="key (prefix slots | real tokens)", ylabel="query", title=title)
+    return im
+
+
+def plot_nf4_levels(ax_hist, ax_block, weight, blocksize=64, block=0):
+    """Left: every block of ``weight`` divided by its absmax, with the 16 NF4 levels.
+    Right: the raw values of one block with the levels scaled by that block's absmax."""
+    from nf4 import NF4_CODEBOOK
+    blocks = np.asarray(weight, dtype=np.float32).reshape(-1, blocksize)    # (nb, bs)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    normed = (blocks / np.where(absmax > 0, absmax, 1)).reshape(-1)
+    ax_hist.hist(normed, bins=121, range=(-1.01, 1.01), color="0.6")
+    for level in NF4_CODEBOOK:
+        ax_hist.axvline(level, color="C3", lw=0.8)
+    ax_hist.set(xlabel="weight / absmax of its block", ylabel="count",
+                title=f"{normed.size:,} weights, blocks of {blocksize}; red: NF4 levels")
+    values = blocks[block]
+    ax_block.hist(values, bins=40, color="0.6")
+    for level in NF4_CODEBOOK * absmax[block, 0]:
+        ax_block.axvline(level, color="C3", lw=0.8)
+    ax_block.set(xlabel="weight value", ylabel="count",
+                 title=f"block {block}: levels scaled by its absmax {absmax[block, 0]:.3f}")
+
+
+def log_x(ax, ticks=None, base=10):
+    """Logarithmic x axis; with ``ticks``, label exactly those values (no minor labels)."""
+    from matplotlib.ticker import NullFormatter
+    ax.set_xscale("log", base=base)
+    if ticks is not None:
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def bar_labels(ax, bars, fmt="{:.2f}"):
+    """Write each bar's height above it."""
+    for bar in bars:
+        ax.annotate(fmt.format(bar.get_height()), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+
+
+# ---- executing the notebooks ------------------------------------------------------
+def run_notebook(path, quick=False, timeout=900, write=False):
+    """Execute the notebook at ``path`` top to bottom in a fresh ``python3`` kernel.
+
+    The working directory is the notebook's folder (the notebooks add
+    ``../code/stage-09`` to ``sys.path``); ``quick`` sets ``PEFT_NOTEBOOK_QUICK=1``
+    for the kernel. A failing cell raises ``nbclient.exceptions.CellExecutionError``.
+    With ``write`` the executed notebook (outputs included) replaces the file.
+    Returns ``(notebook, seconds)``.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(path, as_version=4)
+    env = {QUICK_ENV: "1" if quick else "", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                  # the kernel inherits this process's environment
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                       resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}}).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.perf_counter() - start
+    if write:
+        nbformat.write(nb, path)
+    return nb, seconds
+
+
+def main(argv=None):
+    """``python code/stage-09/viz.py notebooks/*.ipynb [--quick] [--write]``: execute notebooks
+    and print their run times; ``--write`` saves the outputs into the files (do that in full mode)."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("notebooks", nargs="+")
+    p.add_argument("--quick", action="store_true", help="PEFT_NOTEBOOK_QUICK=1 (short runs)")
+    p.add_argument("--write", action="store_true", help="save the executed notebooks in place")
+    a = p.parse_args(argv)
+    for path in a.notebooks:
+        _, seconds = run_notebook(path, quick=a.quick, write=a.write)
+        print(f"{path}: {seconds:.0f} s ({'quick' if a.quick else 'full'} mode)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
