@@ -43,14 +43,14 @@ def aggregate(rows, base):
 
 
 def format_table(summary, base) -> str:
-    head = (f"{'method':<11} {'task':<10} {'trainable':>9} {'%':>7} {'test acc':>13} "
+    head = (f"{'method':<11} {'task':<10} {'lr':>6} {'trainable':>9} {'%':>7} {'test acc':>13} "
             f"{'pretrain acc':>12} {'CE rise':>8} {'disabled':>8} {'ms/step':>7} "
             f"{'state KB':>8} {'file KB':>8}")
     lines = [f"base model on the pretraining tasks: accuracy {base['pretrain_accuracy']:.3f}, "
              f"answer cross-entropy {base['pretrain_ce']:.4f}", head, "-" * len(head)]
     for s in sorted(summary, key=lambda s: (s["task"], s["trainable_params"])):
         lines.append(
-            f"{s['method']:<11} {s['task']:<10} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
+            f"{s['method']:<11} {s['task']:<10} {s['lr']:>6.0e} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
             f"{s['test_accuracy']:>6.3f}±{s['test_accuracy_std']:.3f} {s['pretrain_accuracy']:>12.3f} "
             f"{s['ce_rise']:>8.3f} {s['disabled_accuracy']:>8.3f} {s['step_ms']:>7.1f} "
             f"{s['trainable_state_bytes'] / 1024:>8.1f} {s['adapter_bytes'] / 1024:>8.1f}")
