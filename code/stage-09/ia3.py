@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from nn import Linear, Module
+from peft import LinearWrapper
 from peft_config import IA3Config
 from peft_model import AdapterState, Method, register, wrap_or_reuse
 from peft_methods import find_linear_targets, linear_types
@@ -62,7 +63,7 @@ def ia3_merged(weight, bias, l, is_feedforward):
     return weight * l[:, None], (None if bias is None else bias * l)   # diag(l) W, l * b
 
 
-class IA3Linear(Module):
+class IA3Linear(LinearWrapper):
     """A frozen linear (``nn.Linear`` or ``quantization.QuantizedLinear``) with an (IA)3 scale.
 
     The wrapper protocol of ``PeftModel``: the wrapped layer is ``base_layer``, the
@@ -80,17 +81,6 @@ class IA3Linear(Module):
         self.ia3 = None
         self.disabled = False
         self.merged = False
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    def active(self):
-        return self.ia3 is not None and not self.disabled and not self.merged
 
     def forward(self, x):
         self._mode = ("off" if not self.active()

@@ -136,7 +136,26 @@ class LoRALayer(Module):
         return [getattr(self, "A_grad", None), getattr(self, "B_grad", None)]
 
 
-class LoRALinear(Module):
+class LinearWrapper(Module):
+    """What every wrapper around a frozen (possibly 4-bit) linear layer shares:
+    the base layer's ``weight``/``bias``, and whether its adapter slot is in use."""
+
+    adapter_attr = ""
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def active(self):
+        return (getattr(self, self.adapter_attr) is not None and not self.disabled
+                and not self.merged)
+
+
+class LoRALinear(LinearWrapper):
     """A frozen linear layer plus a LoRA update: ``y = x W^T + b + delta(x)``.
 
     ``weight`` is either the frozen ``(out, in)`` array (the course's form) or a
@@ -173,17 +192,6 @@ class LoRALinear(Module):
                               dtype=self.base_layer.weight.dtype)
         self.disabled = False
         self.merged = False
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    def active(self):
-        return self.lora is not None and not self.disabled and not self.merged
 
     def forward(self, x):
         y = self.base_layer(x)                              # (..., out) frozen path
