@@ -27,6 +27,7 @@ import numpy as np
 
 QUICK_ENV = "PEFT_NOTEBOOK_QUICK"
 BASE_ENV = "PEFT_PRETRAINED_DIR"          # another base directory (development only)
+RESULTS_ENV = "PEFT_RESULTS_JSON"         # another comparison results file (development only)
 
 
 # ---- run sizes ------------------------------------------------------------------
@@ -54,6 +55,13 @@ def load_base():
         raise FileNotFoundError(f"no pretrained base in {directory}; "
                                 f"run `python code/stage-09/pretrain.py` to make it")
     return load_model(directory)
+
+
+def results_path() -> str:
+    """The comparison runner's ``results/results.json`` (``compare.py`` writes it)."""
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results",
+                           "results.json")
+    return os.path.abspath(os.environ.get(RESULTS_ENV) or default)
 
 
 # ---- one fine-tuning run ----------------------------------------------------------
@@ -88,11 +96,13 @@ def finetune(config, task, steps, lr, seed=0, n_train=2000, n_test=500, batch_si
 
 # ---- timing -------------------------------------------------------------------
 def time_interleaved(fns: dict, repeats=30, warmup=3) -> dict:
-    """Median milliseconds of each ``fn()`` in ``fns``, timed in turn round by round.
+    """Time each ``fn()`` in ``fns`` in turn, round after round (A B C A B C ...).
 
-    Returns ``{name: {"median_ms", "min_ms"}}``. Interleaving (A B C A B C ...)
-    instead of timing A fully, then B, keeps a drifting machine load from
-    favouring whichever ran last.
+    Returns ``{name: {"median_ms", "min_ms", "ratio"}}``; ``ratio`` is the median over
+    rounds of this function's time divided by the *first* function's time in the
+    same round. Interleaving, and taking ratios within a round, keeps a shared
+    machine whose speed drifts from favouring whichever function ran last (the
+    same method as ``bench.py``).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -103,7 +113,9 @@ def time_interleaved(fns: dict, repeats=30, warmup=3) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(1000 * (time.perf_counter() - start))
-    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t))}
+    ref = np.array(next(iter(times.values())))
+    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)),
+                   "ratio": float(np.median(np.array(t) / ref))}
             for name, t in times.items()}
 
 
@@ -227,6 +239,7 @@ def run_notebook(path, quick=False, timeout=900, write=False):
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
+    # (jupyter_client runs the "python3" kernel with this interpreter, a venv's included)
     env = {QUICK_ENV: "1" if quick else "", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)                  # the kernel inherits this process's environment
