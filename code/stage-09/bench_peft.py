@@ -1,0 +1,368 @@
+"""What each PEFT method costs per training step, in memory and at inference, beside PyTorch.
+
+Run ``python bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
+``--no-torch`` to skip PyTorch and Hugging Face). For both configs of ``bench.py``
+(batch 32, float32) it prints one table:
+
+* **training**: median milliseconds of one step -- forward, cross-entropy,
+  backward, AdamW -- for full fine-tuning and every method, its ratio to full
+  fine-tuning's step, and the trainable state (parameters + gradients + AdamW
+  moments, ``accounting.memory_report`` after a step) with its ratio to full's.
+  Under the full and LoRA rows, the same step in PyTorch eager (``bench.build_torch``)
+  and in Hugging Face ``transformers`` (``OPTForCausalLM``) + ``peft``, with ours/theirs;
+* **inference**: median milliseconds of one forward pass in eval mode, unmerged
+  and merged, and the ratio to the base model;
+* **QLoRA / LoRA**: the step-time ratio, i.e. what dequantizing NF4 costs.
+
+Prefix and prompt tuning add 10 virtual tokens, so their rows use 54 real tokens
+(54 + 10 = the context of 64); a full fine-tuning row and a base row at seq 54 are
+there to compare them with. Contestants run in turn, one call each per round
+(A B C A B C ...), and every ratio is the median of the per-round ratios, so a
+shared machine whose speed drifts slows both sides of a comparison alike.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from accounting import memory_report
+from bench import CONFIGS, SEQ, Timing, machine_line, make_batch, torch_available, training_step
+from hf_export import opt_config
+from minigpt import GPT
+from optim import AdamW
+from peft_config import ALL_LINEARS
+from peft_model import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                        PromptTuningConfig, get_peft_model)
+from quantization import quantize_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QV = ["q_proj", "v_proj"]
+NUM_VIRTUAL_TOKENS = 10
+SHORT_SEQ = SEQ - NUM_VIRTUAL_TOKENS            # 54: virtual + real tokens fill the context
+
+
+# ---- the contestants ----------------------------------------------------------------
+def peft_builder(make_config, quantize=False, merged=False):
+    """``build(config) -> model``: a fresh ``GPT(config)`` with one method attached.
+
+    ``quantize``: NF4 base first (QLoRA); ``merged``: ``merge_adapter()`` at the end.
+    """
+    def build(config):
+        base = GPT(config)
+        if quantize:
+            quantize_model(base, "nf4", ALL_LINEARS)
+        model = get_peft_model(base, make_config())
+        if merged:
+            model.merge_adapter()
+        return model
+    return build
+
+
+def lora(targets, **kwargs):
+    return lambda: LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **kwargs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: ``build(config) -> model`` run on a batch of ``seq`` tokens."""
+    key: str
+    label: str
+    build: Callable
+    seq: int = SEQ
+
+
+houlsby = lambda: BottleneckConfig(bottleneck_size=16, placement="houlsby")  # noqa: E731
+parallel = lambda: BottleneckConfig(bottleneck_size=16, placement="parallel")  # noqa: E731
+prefix = lambda: PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)  # noqa: E731
+prompt = lambda: PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)  # noqa: E731
+
+TRAINING = [
+    Case("full", "full fine-tuning", GPT),
+    Case("full_54", f"full fine-tuning, seq {SHORT_SEQ}", GPT, SHORT_SEQ),
+    Case("lora_qv", "LoRA r=8 q,v", peft_builder(lora(QV))),
+    Case("lora_all", "LoRA r=8 all linears", peft_builder(lora(ALL_LINEARS))),
+    Case("dora", "DoRA r=8 all linears", peft_builder(lora(ALL_LINEARS, use_dora=True))),
+    Case("qlora", "QLoRA r=8 all (NF4 base)", peft_builder(lora(ALL_LINEARS), quantize=True)),
+    Case("ia3", "(IA)3 k,v,fc2", peft_builder(IA3Config)),
+    Case("houlsby", "adapters houlsby b=16", peft_builder(houlsby)),
+    Case("parallel", "adapters parallel b=16", peft_builder(parallel)),
+    Case("prefix", "prefix tuning P=10", peft_builder(prefix), SHORT_SEQ),
+    Case("prompt", "prompt tuning P=10", peft_builder(prompt), SHORT_SEQ),
+    Case("bitfit", "BitFit", peft_builder(BitFitConfig)),
+]
+INFERENCE = [
+    Case("base", "base model", GPT),
+    Case("base_54", f"base model, seq {SHORT_SEQ}", GPT, SHORT_SEQ),
+    Case("lora_qv", "LoRA q,v unmerged", peft_builder(lora(QV))),
+    Case("lora_all", "LoRA all unmerged", peft_builder(lora(ALL_LINEARS))),
+    Case("lora_all_merged", "LoRA all merged", peft_builder(lora(ALL_LINEARS), merged=True)),
+    Case("ia3", "(IA)3 unmerged", peft_builder(IA3Config)),
+    Case("ia3_merged", "(IA)3 merged", peft_builder(IA3Config, merged=True)),
+    Case("dora", "DoRA all unmerged", peft_builder(lora(ALL_LINEARS, use_dora=True))),
+    Case("dora_merged", "DoRA all merged",
+         peft_builder(lora(ALL_LINEARS, use_dora=True), merged=True)),
+    Case("houlsby", "adapters houlsby (serial)", peft_builder(houlsby)),
+    Case("parallel", "adapters parallel", peft_builder(parallel)),
+    Case("prefix", "prefix tuning P=10", peft_builder(prefix), SHORT_SEQ),
+    Case("prompt", "prompt tuning P=10", peft_builder(prompt), SHORT_SEQ),
+]
+# PyTorch contestants, each printed under the row of ours it is compared with
+TORCH = {"full": [("torch_full", "PyTorch eager (bench.py)"), ("hf_full", "HF OPTForCausalLM")],
+         "lora_qv": [("hf_lora_qv", "HF peft LoRA q,v")],
+         "lora_all": [("hf_lora_all", "HF peft LoRA all")]}
+
+
+def forward_ms(model, tokens) -> float:
+    start = time.perf_counter()
+    model.forward(tokens)                                   # (B, T, V)
+    return 1e3 * (time.perf_counter() - start)
+
+
+def interleaved(contestants: dict, rounds: int, warmup: int = 2) -> dict:
+    """``{name: ms array}``: one call of every ``fn() -> ms`` per round, in turn."""
+    times = {name: [] for name in contestants}
+    for round_ in range(warmup + rounds):
+        for name, fn in contestants.items():
+            ms = fn()
+            if round_ >= warmup:
+                times[name].append(ms)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+# ---- the PyTorch side, in a child interpreter -----------------------------------------
+def _torch_child():
+    """Build the PyTorch contestants, then time one step per name read from stdin.
+
+    Runs as ``python -E -c <this source>`` in an empty directory (``TorchSide``), so
+    ``import peft`` finds Hugging Face's package, not our peft.py; our directory is
+    appended to ``sys.path`` only afterwards, for ``bench.build_torch``.
+    """
+    import json
+    import sys
+    import time
+    import warnings
+    setup = json.loads(sys.stdin.readline())
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.nn.functional as F
+    versions = {"torch": torch.__version__}
+    try:
+        import peft
+        import transformers
+        versions.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        peft = transformers = None
+    sys.path.append(setup["here"])
+    from bench import build_torch
+    from minigpt import GPTConfig
+    torch.set_num_threads(2)
+    V = setup["opt_config"]["vocab_size"]
+
+    def hf_step(lora_targets=None):
+        torch.manual_seed(0)
+        model = transformers.OPTForCausalLM(transformers.OPTConfig.from_dict(setup["opt_config"]))
+        if lora_targets:
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
+                                                               target_modules=lora_targets))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+        def step(tokens, targets):
+            optimizer.zero_grad()
+            logits = model(input_ids=tokens, use_cache=False).logits        # (B, T, V)
+            F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)).backward()
+            optimizer.step()
+        return step
+
+    steps = {"torch_full": build_torch(GPTConfig.from_dict(setup["config"]))}
+    if peft is not None:
+        steps.update(hf_full=hf_step(), hf_lora_qv=hf_step(setup["qv"]),
+                     hf_lora_all=hf_step(setup["all_linears"]))
+    print(json.dumps({"versions": versions, "built": sorted(steps)}), flush=True)
+    tokens, targets = torch.tensor(setup["tokens"]), torch.tensor(setup["targets"])
+    for line in sys.stdin:
+        start = time.perf_counter()
+        steps[line.strip()](tokens, targets)
+        print(1e3 * (time.perf_counter() - start), flush=True)
+
+
+class TorchSide:
+    """The PyTorch and Hugging Face contestants, alive in a child process.
+
+    In this process ``import peft`` would find our peft.py (this directory leads
+    ``sys.path``), so Hugging Face's ``peft`` lives in a child started with ``-E``
+    (no PYTHONPATH) in an empty directory. ``step(name)`` asks it for one step and
+    returns the milliseconds the child measured, so the pipe costs nothing.
+    """
+
+    def __init__(self, config, tokens, targets):
+        self._dir = tempfile.TemporaryDirectory()
+        source = inspect.getsource(_torch_child) + "\n_torch_child()\n"
+        self.proc = subprocess.Popen([sys.executable, "-E", "-c", source], cwd=self._dir.name,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        setup = dict(here=HERE, config=config.to_dict(), opt_config=opt_config(config),
+                     tokens=tokens.tolist(), targets=targets.tolist(), qv=QV,
+                     all_linears=list(ALL_LINEARS))
+        hello = json.loads(self._ask(json.dumps(setup)))
+        self.versions, self.built = hello["versions"], hello["built"]
+
+    def _ask(self, line) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the PyTorch child died (exit code {self.proc.wait()}); "
+                               f"its error is printed above")
+        return answer
+
+    def step(self, name) -> float:
+        return float(self._ask(name))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self._dir.cleanup()
+
+
+# ---- one config -------------------------------------------------------------------------
+def ratios(times, ref) -> dict:
+    """``{name: median over rounds of times[name] / times[ref]}``."""
+    return {name: float(np.median(t / times[ref])) for name, t in times.items()}
+
+
+def bench_training(config, rounds, torch_side=None) -> dict:
+    """Time every ``TRAINING`` row (and the PyTorch ones) interleaved; count their state."""
+    batches = {seq: make_batch(config, seq=seq) for seq in {c.seq for c in TRAINING}}
+    models, contestants = {}, {}
+    for case in TRAINING:
+        model = case.build(config)
+        models[case.key] = model, AdamW(model, lr=1e-3)
+        contestants[case.key] = lambda m=models[case.key], b=batches[case.seq]: training_step(
+            m[0], b[0], b[1], m[1])
+    for name in torch_side.built if torch_side else []:
+        contestants[name] = lambda n=name: torch_side.step(n)
+    times = interleaved(contestants, rounds)
+    state = {k: memory_report(m, opt)["trainable_state"] for k, (m, opt) in models.items()}
+    x_full = ratios(times, "full")
+    ours_over = {}
+    for key, pairs in TORCH.items():                        # ours / torch, per round
+        for name, _ in pairs:
+            if name in times:
+                ours_over[name] = float(np.median(times[key] / times[name]))
+    return dict(times={k: Timing.of(t) for k, t in times.items()}, x_full=x_full, state=state,
+                ours_over=ours_over, qlora_over_lora=ratios(times, "lora_all")["qlora"])
+
+
+def bench_inference(config, rounds) -> dict:
+    """Time one eval-mode forward of every ``INFERENCE`` row, interleaved."""
+    tokens = {seq: make_batch(config, seq=seq)[0] for seq in {c.seq for c in INFERENCE}}
+    contestants = {}
+    for case in INFERENCE:
+        model = case.build(config).eval()
+        contestants[case.key] = lambda m=model, t=tokens[case.seq]: forward_ms(m, t)
+    times = interleaved(contestants, rounds)
+    return dict(times={k: Timing.of(t) for k, t in times.items()}, x_base=ratios(times, "base"))
+
+
+# ---- printing ---------------------------------------------------------------------------------
+def _cell(value, spec, width):
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def print_config(name, config, train, infer):
+    print(f"\n{name}: vocab {config.vocab_size}, context {config.context_length}, "
+          f"d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} heads; "
+          f"batch 32, float32")
+    head = (f"{'training step':<30}{'seq':>4}{'ms/step':>9}{'(min-max)':>16}{'x full':>8}"
+            f"{'trainable state B':>19}{'x full':>8}{'ours/this':>10}")
+    print(head + "\n" + "-" * len(head))
+    for case in TRAINING:
+        t, full_state = train["times"][case.key], train["state"]["full"]
+        print(f"{case.label:<30}{case.seq:>4}{t.median_ms:>9.1f}"
+              f"{f'({t.min_ms:.1f}-{t.max_ms:.1f})':>16}{train['x_full'][case.key]:>8.2f}"
+              f"{train['state'][case.key]:>19,}{train['state'][case.key] / full_state:>8.2%}")
+        for torch_name, label in TORCH.get(case.key, []):
+            if torch_name in train["times"]:
+                tt = train["times"][torch_name]
+                print(f"{'  ' + label:<30}{SEQ:>4}{tt.median_ms:>9.1f}"
+                      f"{f'({tt.min_ms:.1f}-{tt.max_ms:.1f})':>16}{'':>8}{'':>19}{'':>8}"
+                      f"{train['ours_over'][torch_name]:>10.2f}")
+    print(f"QLoRA / LoRA (all linears) step: {train['qlora_over_lora']:.2f}x "
+          f"(NF4 dequantization of every block weight, in forward and again in backward)")
+    head = f"{'inference (forward, eval mode)':<30}{'seq':>4}{'ms':>9}{'(min-max)':>16}{'x base':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for case in INFERENCE:
+        t = infer["times"][case.key]
+        print(f"{case.label:<30}{case.seq:>4}{t.median_ms:>9.2f}"
+              f"{f'({t.min_ms:.1f}-{t.max_ms:.1f})':>16}{infer['x_base'][case.key]:>8.2f}")
+
+
+def targets(results) -> list:
+    """The issues' targets as ``(label, measured, limit, passed)``."""
+    checks = []
+    for key in results:
+        train, infer = results[key]["train"], results[key]["infer"]
+        c = f"({key})"
+        if key == "b":
+            for lo in ("lora_qv", "lora_all"):
+                checks.append((f"{c} {lo} step / full step", train["x_full"][lo], 0.8))
+        for lo in ("lora_qv", "lora_all"):
+            frac = train["state"][lo] / train["state"]["full"]
+            checks.append((f"{c} {lo} trainable state / full's", frac, 0.02))
+        checks.append((f"{c} merged LoRA forward / base", infer["x_base"]["lora_all_merged"], 1.05))
+        limit = 0.9 if key == "a" else 1.0
+        for ours, theirs in (("full", "torch_full"), ("lora_qv", "hf_lora_qv"),
+                             ("lora_all", "hf_lora_all")):
+            if theirs in train["ours_over"]:
+                checks.append((f"{c} {ours} ours / {theirs}", train["ours_over"][theirs], limit))
+    return [(label, value, limit, value <= limit) for label, value, limit in checks]
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (rough numbers)")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch and Hugging Face")
+    parser.add_argument("--configs", default="ab", help="which configs to run: a, b or ab")
+    args = parser.parse_args(argv)
+    with_torch = not args.no_torch and torch_available()
+    print(machine_line(False) + (" (PyTorch side: 2 threads, in a child process)" if with_torch else ""))
+    print(f"at start: {load_line()} -- above the core count, other jobs shared the machine")
+    rounds = {"a": (6, 10) if args.quick else (30, 40), "b": (3, 5) if args.quick else (12, 20)}
+    results, versions = {}, {}
+    for key in args.configs:
+        name, config = CONFIGS[key]
+        torch_side = TorchSide(config, *make_batch(config)) if with_torch else None
+        try:
+            train = bench_training(config, rounds[key][0], torch_side)
+        finally:
+            if torch_side is not None:
+                versions = torch_side.versions
+                torch_side.close()
+        infer = bench_inference(config, rounds[key][1])
+        results[key] = dict(train=train, infer=infer)
+        print_config(name, config, train, infer)
+    if versions:
+        print("\nPyTorch side: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"at end: {load_line()}")
+    print("\ntargets:")
+    for label, value, limit, ok in targets(results):
+        print(f"  {label:<44}{value:8.3f}  <= {limit:<5}{'PASS' if ok else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()
