@@ -27,7 +27,10 @@ import numpy as np
 # ---- elementwise work on every core ------------------------------------------
 # NumPy runs each elementwise operation on one core, but releases the GIL while
 # it runs; so a pool of threads working on disjoint chunks of rows uses them all.
-_NUM_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if hasattr(os, "sched_getaffinity"):
+    _NUM_THREADS = len(os.sched_getaffinity(0))             # the cores this process may use
+else:
+    _NUM_THREADS = os.cpu_count() or 1
 _MIN_CHUNK = 32768                # elements per chunk, below which thread overhead dominates
 _pool, _pool_pid = None, None
 _in_worker = threading.local()
@@ -325,8 +328,8 @@ class LayerNorm(Module):
         D = self.dim
         x2 = x.reshape(-1, D)                               # (N, D)
         xhat = np.empty_like(x2, order="C")                 # (N, D)
-        y = np.empty_like(x2, order="C")                    # (N, D)
-        rstd = np.empty_like(x2, shape=(len(x2), 1), order="C")   # (N, 1)
+        y = np.empty_like(x2, dtype=np.result_type(x2, self.weight), order="C")  # (N, D)
+        rstd = np.empty_like(x2, shape=(len(x2), 1), order="C")  # (N, 1)
 
         def rows(a, b):
             mu = np.einsum("ni->n", x2[a:b])[:, None] / D   # (n, 1)
@@ -343,13 +346,13 @@ class LayerNorm(Module):
         return y.reshape(x.shape)                           # (..., D)
 
     def backward(self, dout):
-        xhat, D = self.xhat, self.dim
+        D = self.dim
+        d2, xhat2, rstd = dout.reshape(-1, D), self.xhat.reshape(-1, D), self.rstd.reshape(-1, 1)
         if self.wants_grad("weight"):
-            self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D), xhat.reshape(-1, D)))
+            self._accumulate("weight", np.einsum("ni,ni->i", d2, xhat2))   # (D,)
         if self.wants_grad("bias"):
-            self._accumulate("bias", dout.reshape(-1, D).sum(0))
-        d2, xhat2, rstd = dout.reshape(-1, D), xhat.reshape(-1, D), self.rstd.reshape(-1, 1)
-        dx = np.empty_like(d2, dtype=np.result_type(d2, xhat2), order="C")   # (N, D)
+            self._accumulate("bias", d2.sum(0))             # (D,)
+        dx = np.empty_like(d2, dtype=np.result_type(d2, xhat2, self.weight), order="C")  # (N, D)
 
         def rows(a, b):
             dxhat = d2[a:b] * self.weight                   # (n, D)
