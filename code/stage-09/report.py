@@ -140,3 +140,34 @@ def write_results(rows, base, out, command, machine, seconds, plots=True):
                       f"{machine}.\n\n```\n{table}\n```\n\nPlots: `accuracy_vs_params.png`, "
                       f"`forgetting_vs_accuracy.png`, `rank_sweep.png`.\n")
     return summary
+
+
+def choose_learning_rates(csv_paths):
+    """The rate per method with the best mean test accuracy over the swept tasks
+    (ties: the lowest mean rise of the pretraining tasks' cross-entropy).
+
+    Returns ``{method: (lr, mean_accuracy, {lr: mean_accuracy})}``; a rate counts only
+    if it was run on every task the method was swept on.
+    """
+    table = defaultdict(lambda: defaultdict(dict))      # method -> lr -> task -> (acc, ce)
+    for path in csv_paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                table[row["method"]][float(row["lr"])][row["task"]] = (
+                    float(row["test_accuracy"]), float(row["ce_rise"]))
+    choice = {}
+    for method, by_lr in table.items():
+        tasks = set().union(*(set(t) for t in by_lr.values()))
+        full = {lr: t for lr, t in by_lr.items() if set(t) == tasks}
+        score = {lr: (float(np.mean([a for a, _ in t.values()])),
+                      -float(np.mean([c for _, c in t.values()]))) for lr, t in full.items()}
+        best = max(score, key=score.get)
+        choice[method] = (best, score[best][0], {lr: s[0] for lr, s in sorted(score.items())})
+    return choice
+
+
+if __name__ == "__main__":
+    import sys
+    for method, (lr, acc, grid) in sorted(choose_learning_rates(sys.argv[1:]).items()):
+        cells = "  ".join(f"{k:g}:{v:.3f}" for k, v in grid.items())
+        print(f"{method:<11} lr {lr:g}  (mean accuracy {acc:.3f})   {cells}")
