@@ -339,6 +339,35 @@ def print_targets(results):
         print(f"  {label:<40}{value:6.2f}  {'met' if ok else 'MISSED'}")
 
 
+def _busy_seconds():
+    """CPU seconds spent busy by the whole machine so far (None where /proc/stat is absent)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # minus idle, iowait
+
+
+class OtherLoad:
+    """Share of the machine's cores that *other* processes kept busy meanwhile.
+
+    Timings on a shared machine are only as good as this number is small.
+    """
+
+    def __enter__(self):
+        self.busy, self.own, self.wall = _busy_seconds(), os.times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own = _busy_seconds(), os.times()
+        self.share = None
+        if busy is not None and self.busy is not None:
+            own_cpu = (own.user + own.system) - (self.own.user + self.own.system)
+            wall = time.perf_counter() - self.wall
+            self.share = max(0.0, (busy - self.busy - own_cpu) / (wall * (os.cpu_count() or 1)))
+
+
 def machine_line(with_torch) -> str:
     cpu = "unknown CPU"
     try:
@@ -364,20 +393,24 @@ def main(argv=None):
     if with_torch:
         build_torch(CONFIGS["a"][1])                        # sets torch's 2 threads now
     print(machine_line(with_torch), flush=True)
-    peak = matmul_gflops()
-    repeats = {"a": 8 if args.quick else 40, "b": 3 if args.quick else 12}
+    repeats = {"a": 8 if args.quick else 50, "b": 3 if args.quick else 16}
     results = []
-    for key in args.configs:
-        name, config = CONFIGS[key]
-        results += benchmark_config(name, config, repeats=repeats[key], with_torch=with_torch,
-                                    peak_gflops=peak)
-    peak = max(peak, matmul_gflops())                       # the better of before and after
+    with OtherLoad() as load:
+        peak = matmul_gflops()
+        for key in args.configs:
+            name, config = CONFIGS[key]
+            results += benchmark_config(name, config, repeats=repeats[key], with_torch=with_torch,
+                                        peak_gflops=peak)
+        peak = max(peak, matmul_gflops())                   # the better of before and after
     for r in results:
         r["peak_fraction"] = r["gflops"] / peak if r["gflops"] else None
     print()
     print_table(results, peak)
     print_targets(results)
     print("(a frozen-base step has no optimizer work: nothing in it is trainable)")
+    if load.share is not None:
+        note = "" if load.share < 0.1 else "  -- a busy machine: times are inflated, ratios less so"
+        print(f"other processes kept {load.share:.0%} of the cores busy during the run{note}")
 
 
 if __name__ == "__main__":
