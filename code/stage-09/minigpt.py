@@ -111,6 +111,17 @@ class CausalSelfAttention(Module):
             allowed = allowed & keys[:, None, None, :]
         return allowed
 
+    def check_prefix(self, prefix, B):
+        """``(prefix_k, prefix_v)`` must be ``(P, H, d_head)`` or ``(B, P, H, d_head)`` each."""
+        pk, pv = (np.asarray(p) for p in prefix)
+        H, dh = self.n_heads, self.d_head
+        ok = (pk.shape == pv.shape and pk.ndim in (3, 4) and pk.shape[-2:] == (H, dh)
+              and (pk.ndim == 3 or pk.shape[0] == B))
+        if not ok:
+            raise ValueError(f"prefix keys {pk.shape} and values {pv.shape} must both be "
+                             f"(P, {H}, {dh}) or ({B}, P, {H}, {dh}) = (P, n_heads, d_head)")
+        return pk, pv
+
     def forward(self, x, attention_mask=None, prefix=None):
         B, T, D = x.shape
         H, dh = self.n_heads, self.d_head
@@ -119,8 +130,9 @@ class CausalSelfAttention(Module):
         v = self.v_proj(x).reshape(B, T, H, dh)             # (B, T, H, dh)
         P = 0
         self.prefix_batched = False
+        self.prefix_grad = None
         if prefix is not None:
-            pk, pv = prefix
+            pk, pv = self.check_prefix(prefix, B)
             P = pk.shape[-3]
             self.prefix_batched = pk.ndim == 4
             k = np.concatenate([np.broadcast_to(pk.astype(k.dtype), (B, P, H, dh)), k], axis=1)
@@ -285,6 +297,9 @@ class GPT(Module):
         if x.shape[1] > self.config.context_length:
             raise ValueError(f"sequence length {x.shape[1]} exceeds context_length "
                              f"{self.config.context_length}")
+        if prefixes is not None and len(prefixes) != len(self.layers):
+            raise ValueError(f"got {len(prefixes)} layer prefixes for {len(self.layers)} layers: "
+                             f"give one (prefix_k, prefix_v) pair per layer")
         for i, block in enumerate(self.layers):
             x = block(x, attention_mask=attention_mask,
                       prefix=None if prefixes is None else prefixes[i])
@@ -334,6 +349,7 @@ class GPT(Module):
         """
         forward = forward or self.forward
         seq = np.asarray(tokens)
+        self.check_tokens(seq[:, -self.config.context_length:] if seq.ndim == 2 else seq)
         done = np.zeros(seq.shape[0], dtype=bool)
         out = []
         for _ in range(max_new_tokens):

@@ -50,11 +50,30 @@ def test_wrong_attention_mask_shape(model):
         model.forward(np.zeros((2, 5), dtype=np.int64), attention_mask=np.ones((2, 4)))
 
 
-@pytest.mark.xfail(raises=IndexError, strict=False,
-                   reason="GPT.generate slices seq[:, -context:] before check_tokens runs")
 def test_generation_guards_its_input(model):
     with pytest.raises(ValueError, match="rank 1"):
         model.generate(np.array([1, 2, 3]), max_new_tokens=2)
+
+
+def test_prefix_shapes_are_checked():
+    from minigpt import GPT, CausalSelfAttention, GPTConfig
+    cfg = GPTConfig(vocab_size=8, context_length=6, d_model=8, n_heads=2)
+    attn = CausalSelfAttention(cfg, np.random.default_rng(0))
+    x = np.zeros((1, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"\(3, 4, 4\).*\(P, 2, 4\)"):
+        attn.forward(x, prefix=(np.zeros((3, 4, 4)),) * 2)          # 4 heads, the model has 2
+    with pytest.raises(ValueError, match="got 1 layer prefixes for 2 layers"):
+        GPT(cfg).forward(np.zeros((1, 3), int), prefixes=[(np.zeros((2, 2, 4)),) * 2])
+
+
+def test_prefix_grad_is_cleared_by_a_forward_without_prefix():
+    from minigpt import CausalSelfAttention, GPTConfig
+    attn = CausalSelfAttention(GPTConfig(d_model=8, n_heads=2), np.random.default_rng(0))
+    x = np.ones((1, 3, 8), np.float32)
+    attn.backward(np.ones_like(attn.forward(x, prefix=(np.ones((2, 2, 4)),) * 2)))
+    assert attn.prefix_grad is not None
+    attn.backward(np.ones_like(attn.forward(x)))
+    assert attn.prefix_grad is None
 
 
 def test_cross_entropy_target_shape_mismatch():
