@@ -165,7 +165,6 @@ def _torch_child():
     sys.path.append(setup["here"])
     from bench import build_torch
     from minigpt import GPTConfig
-    torch.set_num_threads(2)
     V = setup["opt_config"]["vocab_size"]
 
     def hf_step(lora_targets=None):
@@ -185,6 +184,7 @@ def _torch_child():
         return step
 
     steps = {"torch_full": build_torch(GPTConfig.from_dict(setup["config"]))}
+    torch.set_num_threads(setup["threads"])                 # after build_torch, which sets 2
     if peft is not None:
         steps.update(hf_full=hf_step(), hf_lora_qv=hf_step(setup["qv"]),
                      hf_lora_all=hf_step(setup["all_linears"]))
@@ -210,9 +210,9 @@ class TorchSide:
         source = inspect.getsource(_torch_child) + "\n_torch_child()\n"
         self.proc = subprocess.Popen([sys.executable, "-E", "-c", source], cwd=self._dir.name,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        setup = dict(here=HERE, config=config.to_dict(), opt_config=opt_config(config),
-                     tokens=tokens.tolist(), targets=targets.tolist(), qv=QV,
-                     all_linears=list(ALL_LINEARS))
+        setup = dict(here=HERE, threads=threads(), config=config.to_dict(),
+                     opt_config=opt_config(config), tokens=tokens.tolist(),
+                     targets=targets.tolist(), qv=QV, all_linears=list(ALL_LINEARS))
         hello = json.loads(self._ask(json.dumps(setup)))
         self.versions, self.built = hello["versions"], hello["built"]
 
@@ -275,36 +275,33 @@ def bench_inference(config, rounds) -> dict:
 
 
 # ---- printing ---------------------------------------------------------------------------------
-def _cell(value, spec, width):
-    return f"{'-' if value is None else format(value, spec):>{width}}"
+def _timing(t: Timing, digits=1) -> str:
+    return f"{t.median_ms:>9.{digits}f}" + f"{f'({t.min_ms:.1f}-{t.max_ms:.1f})':>18}"
 
 
-def print_config(name, config, train, infer):
-    print(f"\n{name}: vocab {config.vocab_size}, context {config.context_length}, "
-          f"d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} heads; "
-          f"batch 32, float32")
-    head = (f"{'training step':<30}{'seq':>4}{'ms/step':>9}{'(min-max)':>16}{'x full':>8}"
+def print_training(train):
+    head = (f"{'training step':<30}{'seq':>4}{'ms/step':>9}{'(min-max)':>18}{'x full':>8}"
             f"{'trainable state B':>19}{'x full':>8}{'ours/this':>10}")
     print(head + "\n" + "-" * len(head))
     for case in TRAINING:
-        t, full_state = train["times"][case.key], train["state"]["full"]
-        print(f"{case.label:<30}{case.seq:>4}{t.median_ms:>9.1f}"
-              f"{f'({t.min_ms:.1f}-{t.max_ms:.1f})':>16}{train['x_full'][case.key]:>8.2f}"
-              f"{train['state'][case.key]:>19,}{train['state'][case.key] / full_state:>8.2%}")
-        for torch_name, label in TORCH.get(case.key, []):
-            if torch_name in train["times"]:
-                tt = train["times"][torch_name]
-                print(f"{'  ' + label:<30}{SEQ:>4}{tt.median_ms:>9.1f}"
-                      f"{f'({tt.min_ms:.1f}-{tt.max_ms:.1f})':>16}{'':>8}{'':>19}{'':>8}"
-                      f"{train['ours_over'][torch_name]:>10.2f}")
+        state, x_full = train["state"][case.key], train["x_full"][case.key]
+        print(f"{case.label:<30}{case.seq:>4}{_timing(train['times'][case.key])}{x_full:>8.2f}"
+              f"{state:>19,}{state / train['state']['full']:>8.2%}")
+        for name, label in TORCH.get(case.key, []):
+            if name in train["times"]:
+                print(f"{'  ' + label:<30}{SEQ:>4}{_timing(train['times'][name])}{'':>35}"
+                      f"{train['ours_over'][name]:>10.2f}")
     print(f"QLoRA / LoRA (all linears) step: {train['qlora_over_lora']:.2f}x "
-          f"(NF4 dequantization of every block weight, in forward and again in backward)")
-    head = f"{'inference (forward, eval mode)':<30}{'seq':>4}{'ms':>9}{'(min-max)':>16}{'x base':>8}"
-    print("\n" + head + "\n" + "-" * len(head))
+          f"(what the NF4 base costs: QuantizedLinear dequantizes and multiplies, twice)")
+
+
+def print_inference(infer):
+    head = (f"{'inference (forward, eval mode)':<30}{'seq':>4}{'ms':>9}{'(min-max)':>18}"
+            f"{'x base':>8}")
+    print(head + "\n" + "-" * len(head))
     for case in INFERENCE:
-        t = infer["times"][case.key]
-        print(f"{case.label:<30}{case.seq:>4}{t.median_ms:>9.2f}"
-              f"{f'({t.min_ms:.1f}-{t.max_ms:.1f})':>16}{infer['x_base'][case.key]:>8.2f}")
+        print(f"{case.label:<30}{case.seq:>4}{_timing(infer['times'][case.key], 2)}"
+              f"{infer['x_base'][case.key]:>8.2f}")
 
 
 def targets(results) -> list:
@@ -328,6 +325,11 @@ def targets(results) -> list:
     return [(label, value, limit, value <= limit) for label, value, limit in checks]
 
 
+def threads() -> int:
+    """Threads per side: 2, or fewer under ``taskset`` (``nn.parallel_rows`` follows it too)."""
+    return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+
+
 def load_line() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
@@ -340,7 +342,10 @@ def main(argv=None):
     parser.add_argument("--configs", default="ab", help="which configs to run: a, b or ab")
     args = parser.parse_args(argv)
     with_torch = not args.no_torch and torch_available()
-    print(machine_line(False) + (" (PyTorch side: 2 threads, in a child process)" if with_torch else ""))
+    blas = os.environ.get("OPENBLAS_NUM_THREADS")
+    print(machine_line(False) + f"; {threads()} threads per side"
+          + (f" (OPENBLAS_NUM_THREADS={blas})" if blas else "")
+          + ("; PyTorch in a child process" if with_torch else ""))
     print(f"at start: {load_line()} -- above the core count, other jobs shared the machine")
     rounds = {"a": (6, 10) if args.quick else (30, 40), "b": (3, 5) if args.quick else (12, 20)}
     results, versions = {}, {}
@@ -355,7 +360,12 @@ def main(argv=None):
                 torch_side.close()
         infer = bench_inference(config, rounds[key][1])
         results[key] = dict(train=train, infer=infer)
-        print_config(name, config, train, infer)
+        print(f"\n{name}: d_model {config.d_model}, {config.n_layers} layers, "
+              f"{config.n_heads} heads, vocab {config.vocab_size}, "
+              f"context {config.context_length}; batch 32, float32")
+        print_training(train)
+        print()
+        print_inference(infer)
     if versions:
         print("\nPyTorch side: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"at end: {load_line()}")
