@@ -77,13 +77,18 @@ def plot_results(summary, out):
     import matplotlib.pyplot as plt
     tasks = sorted({s["task"] for s in summary})
     methods = [s for s in summary if s["rank"] is None]
+    names = sorted({s["method"] for s in methods})
+    color = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
+    # labels of methods with equal x (LoRA, QLoRA, DoRA) would overprint: stagger them
+    offset = {m: (4, 10 * ((i % 4) - 1.5)) for i, m in enumerate(names)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for s in (s for s in methods if s["task"] == task):
             ax.errorbar(s["trainable_params"], s["test_accuracy"], yerr=s["test_accuracy_std"],
-                        fmt="o", capsize=3)
+                        fmt="o", capsize=3, color=color[s["method"]])
             ax.annotate(s["method"], (s["trainable_params"], s["test_accuracy"]), fontsize=8,
-                        xytext=(4, 2), textcoords="offset points")
+                        xytext=offset[s["method"]], textcoords="offset points",
+                        color=color[s["method"]])
         ax.set_xscale("log")
         ax.set(title=task, xlabel="trainable parameters (log)", ylabel="test exact match")
         ax.set_ylim(-0.05, 1.05)
@@ -94,12 +99,13 @@ def plot_results(summary, out):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for s in (s for s in methods if s["task"] == task):
-            ax.scatter(s["test_accuracy"], s["ce_rise"])
+            ax.scatter(s["test_accuracy"], s["ce_rise"], color=color[s["method"]])
             ax.annotate(s["method"], (s["test_accuracy"], s["ce_rise"]), fontsize=8,
-                        xytext=(4, 2), textcoords="offset points")
+                        xytext=offset[s["method"]], textcoords="offset points",
+                        color=color[s["method"]])
         ax.set(title=task, xlabel="downstream test exact match",
-               ylabel="rise of pretraining-task cross-entropy")
-        ax.set_yscale("symlog", linthresh=0.01)
+               ylabel="pretraining-task cross-entropy rise (nats)")
+        ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "forgetting_vs_accuracy.png"), dpi=110)
     plt.close(fig)
@@ -166,8 +172,17 @@ def choose_learning_rates(csv_paths):
     return choice
 
 
+def replot(results_dir):
+    """Redraw the PNGs from a ``results.json`` (no training)."""
+    with open(os.path.join(results_dir, "results.json")) as f:
+        plot_results(json.load(f)["summary"], results_dir)
+
+
 if __name__ == "__main__":
     import sys
+    if sys.argv[1:2] == ["--replot"]:
+        replot(sys.argv[2])
+        raise SystemExit
     for method, (lr, acc, grid) in sorted(choose_learning_rates(sys.argv[1:]).items()):
         cells = "  ".join(f"{k:g}:{v:.3f}" for k, v in grid.items())
         print(f"{method:<11} lr {lr:g}  (mean accuracy {acc:.3f})   {cells}")
