@@ -307,12 +307,14 @@ def prefix_table(encoder) -> np.ndarray:
 
 def _prefix_export(peft_model, state, dtype):
     gpt, c = peft_model.base_model, state.config
-    warnings.warn(
-        f"peft numbers the real tokens {c.num_virtual_tokens}..{c.num_virtual_tokens}+T-1 after a "
-        f"prefix of {c.num_virtual_tokens}; our prefix tuning keeps them at 0..T-1. Pass "
-        f"position_ids=hf_export.hf_prefix_position_ids(T, {c.num_virtual_tokens}) (that is, "
-        f"arange(T) - {c.num_virtual_tokens}) to the Hugging Face model to get the same logits.",
-        PositionConventionWarning, stacklevel=3)
+    if c.position_convention == "keep":
+        warnings.warn(
+            f"peft numbers the real tokens {c.num_virtual_tokens}..{c.num_virtual_tokens}+T-1 "
+            f"after a prefix of {c.num_virtual_tokens}; this adapter keeps them at 0..T-1. Pass "
+            f"position_ids=hf_export.hf_prefix_position_ids(T, {c.num_virtual_tokens}) (that is, "
+            f"arange(T) - {c.num_virtual_tokens}) to the Hugging Face model to get the same "
+            f"logits (or train with PrefixTuningConfig(position_convention='shift')).",
+            PositionConventionWarning, stacklevel=3)
     config = dict(_prompt_learning_config(gpt, c), encoder_hidden_size=gpt.config.d_model,
                   prefix_projection=False)            # the MLP, if any, is evaluated once
     return config, {"prompt_embeddings": prefix_table(state.encoder).astype(dtype)}

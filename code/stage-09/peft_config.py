@@ -156,15 +156,23 @@ class BottleneckConfig(PeftConfig):
 @dataclass
 class PrefixTuningConfig(PeftConfig):
     """Prefix tuning (Li & Liang 2021). With ``prefix_projection`` the table comes
-    from embedding -> Linear -> tanh -> Linear (§4.3), which trains more stably."""
+    from embedding -> Linear -> tanh -> Linear (§4.3), which trains more stably.
+
+    ``position_convention``: ``"keep"`` (ours: the prefix has no position, the real
+    tokens keep 0..T-1) or ``"shift"`` (Hugging Face ``peft``, where the prefix acts as
+    a cache of P earlier tokens, so the real tokens sit at P..P+T-1).
+    """
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     touch_point: ClassVar[str] = "attention_kv"
     num_virtual_tokens: int = 10
     prefix_projection: bool = False
     encoder_hidden_size: object = None
+    position_convention: str = "keep"
 
     def validate(self):
         _positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        _choice("PrefixTuningConfig", "position_convention", self.position_convention,
+                ("keep", "shift"))
         if self.encoder_hidden_size is not None:
             _positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
 

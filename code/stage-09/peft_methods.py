@@ -107,6 +107,7 @@ class PrefixEncoder(PrefixTuning):
         c = model_config
         super().__init__(c.n_layers, c.n_heads, c.d_head, config.num_virtual_tokens, rng=rng,
                          dtype=c.dtype)
+        self.position_convention = config.position_convention
         self.config = config                    # collapse() records itself here
         self.embedding = None
         if config.prefix_projection:

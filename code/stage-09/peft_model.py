@@ -138,13 +138,23 @@ class PeftModel(Module):
         prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
         self._prompt_len = 0
         if prompt is None:
-            x = base.embed(tokens)
+            x = base.embed(tokens, self._prefix_positions(prefix, tokens.shape[1]))
         else:
             x, attention_mask = prompt.embed_with_prompt(base, tokens, attention_mask)
             self._prompt_len = prompt.prompt_length
         prefixes = prefix.layer_prefixes(tokens.shape[0]) if prefix is not None else None
         logits = base.forward_embeds(x, attention_mask, prefixes)
         return logits[:, self._prompt_len:] if self._prompt_len else logits
+
+    def _prefix_positions(self, prefix, T):
+        """Position ids of the real tokens under a prefix (``None``: ``0..T-1``)."""
+        if prefix is None or prefix.position_convention == "keep":
+            return None
+        P, limit = prefix.prefix_length, self.base_model.config.context_length
+        if P + T > limit:
+            raise ValueError(f"{P} prefix positions + sequence length {T} = {P + T} exceeds "
+                             f"context_length {limit} (position_convention='shift')")
+        return np.arange(P, P + T)
 
     def backward(self, dlogits):
         if any(getattr(w, "merged", False) for _, w in self.wrappers()):

@@ -333,6 +333,8 @@ CASES = {   # name -> (adapter config, or None for the base alone; options)
     "ia3": (IA3Config(), {"grad": True}),
     "prompt_shift": (PromptTuningConfig(num_virtual_tokens=4, position_convention="shift"), {"grad": True}),
     "prefix": (PrefixTuningConfig(num_virtual_tokens=3), {"grad": True}),
+    "prefix_shift": (PrefixTuningConfig(num_virtual_tokens=3, position_convention="shift"),
+                     {"grad": True}),           # matches peft with no position_ids at all
     "prefix_projection": (PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
                                              encoder_hidden_size=24), {}),
 }
@@ -389,7 +391,7 @@ def build_case(name, root):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", H.PositionConventionWarning)
             H.export_adapter(pm, case["adapter"], base_model_name_or_path=base_dir)
-        if name.startswith("prefix"):
+        if name.startswith("prefix") and config.position_convention == "keep":
             arrays["position_ids"] = H.hf_prefix_position_ids(ids.shape[1], config.num_virtual_tokens)
         if opts.get("grad"):
             targets = np.roll(ids, -1, axis=1)

@@ -199,3 +199,23 @@ def test_bad_prompt_config(kwargs, match):
 def test_bad_text_init_ids(ids, match):
     with pytest.raises(ValueError, match=match):
         prompt_model(prompt_tuning_init="TEXT", prompt_tuning_init_token_ids=ids)
+
+
+def test_prefix_shift_convention_moves_the_real_tokens():
+    """``position_convention="shift"`` (Hugging Face's numbering): real tokens at P..P+T-1."""
+    from minigpt import GPT, GPTConfig
+    from peft_model import PrefixTuningConfig, get_peft_model
+    cfg = GPTConfig(vocab_size=11, context_length=8, d_model=8, n_layers=2, n_heads=2,
+                    dtype=np.float64)
+    tokens = np.random.default_rng(0).integers(0, 11, (2, 5))
+    keep = get_peft_model(GPT(cfg, seed=1), PrefixTuningConfig(num_virtual_tokens=3))
+    shift = get_peft_model(GPT(cfg, seed=1), PrefixTuningConfig(num_virtual_tokens=3,
+                                                                position_convention="shift"))
+    prefixes = keep.prefix_encoder.layer_prefixes(2)
+    np.testing.assert_allclose(keep(tokens), keep.base_model.forward(tokens, prefixes=prefixes))
+    np.testing.assert_allclose(shift(tokens), shift.base_model.forward(
+        tokens, prefixes=prefixes, position_ids=np.arange(3, 8)))
+    with pytest.raises(ValueError, match="3 prefix positions \\+ sequence length 6 = 9 exceeds"):
+        shift(np.zeros((1, 6), int))
+    with pytest.raises(ValueError, match="position_convention"):
+        PrefixTuningConfig(position_convention="left")
