@@ -12,7 +12,8 @@ Run ``python bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
   and in Hugging Face ``transformers`` (``OPTForCausalLM``) + ``peft``, with ours/theirs;
 * **inference**: median milliseconds of one forward pass in eval mode, unmerged
   and merged, and the ratio to the base model;
-* **QLoRA / LoRA**: the step-time ratio, i.e. what dequantizing NF4 costs.
+* **QLoRA / LoRA**: the step-time ratio, i.e. what the NF4 base costs;
+* how busy other processes kept the machine meanwhile (``bench.OtherLoad``).
 
 Prefix and prompt tuning add 10 virtual tokens, so their rows use 54 real tokens
 (54 + 10 = the context of 64); a full fine-tuning row and a base row at seq 54 are
@@ -36,7 +37,8 @@ from typing import Callable
 import numpy as np
 
 from accounting import memory_report
-from bench import CONFIGS, SEQ, Timing, machine_line, make_batch, torch_available, training_step
+from bench import (CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, torch_available,
+                   training_step)
 from hf_export import opt_config
 from minigpt import GPT
 from optim import AdamW
@@ -191,6 +193,9 @@ def _torch_child():
     print(json.dumps({"versions": versions, "built": sorted(steps)}), flush=True)
     tokens, targets = torch.tensor(setup["tokens"]), torch.tensor(setup["targets"])
     for line in sys.stdin:
+        if line.strip() == "cpu":                           # CPU seconds this child has used
+            print(time.process_time(), flush=True)
+            continue
         start = time.perf_counter()
         steps[line.strip()](tokens, targets)
         print(1e3 * (time.perf_counter() - start), flush=True)
@@ -227,6 +232,9 @@ class TorchSide:
 
     def step(self, name) -> float:
         return float(self._ask(name))
+
+    def cpu_seconds(self) -> float:
+        return float(self._ask("cpu"))
 
     def close(self):
         self.proc.stdin.close()
@@ -335,6 +343,28 @@ def load_line() -> str:
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
+def run_config(config, rounds, with_torch):
+    """Training (beside the PyTorch side), then inference, on one config.
+
+    Returns ``(result, versions)``; ``result["other"]`` is the share of the cores
+    that other processes kept busy meanwhile (``bench.OtherLoad``, less our PyTorch
+    child's own CPU time), or None where /proc/stat is absent.
+    """
+    start, child_cpu, versions = time.perf_counter(), 0.0, {}
+    with OtherLoad() as load:
+        torch_side = TorchSide(config, *make_batch(config)) if with_torch else None
+        try:
+            train = bench_training(config, rounds[0], torch_side)
+        finally:
+            if torch_side is not None:
+                child_cpu, versions = torch_side.cpu_seconds(), torch_side.versions
+                torch_side.close()
+        infer = bench_inference(config, rounds[1])
+    core_seconds = (time.perf_counter() - start) * (os.cpu_count() or 1)
+    other = None if load.share is None else max(0.0, load.share - child_cpu / core_seconds)
+    return dict(train=train, infer=infer, other=other), versions
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (rough numbers)")
@@ -346,29 +376,24 @@ def main(argv=None):
     print(machine_line(False) + f"; {threads()} threads per side"
           + (f" (OPENBLAS_NUM_THREADS={blas})" if blas else "")
           + ("; PyTorch in a child process" if with_torch else ""))
-    print(f"at start: {load_line()} -- above the core count, other jobs shared the machine")
+    print(f"at start: {load_line()}")
     rounds = {"a": (6, 10) if args.quick else (30, 40), "b": (3, 5) if args.quick else (12, 20)}
     results, versions = {}, {}
     for key in args.configs:
         name, config = CONFIGS[key]
-        torch_side = TorchSide(config, *make_batch(config)) if with_torch else None
-        try:
-            train = bench_training(config, rounds[key][0], torch_side)
-        finally:
-            if torch_side is not None:
-                versions = torch_side.versions
-                torch_side.close()
-        infer = bench_inference(config, rounds[key][1])
-        results[key] = dict(train=train, infer=infer)
+        results[key], versions = run_config(config, rounds[key], with_torch)
         print(f"\n{name}: d_model {config.d_model}, {config.n_layers} layers, "
               f"{config.n_heads} heads, vocab {config.vocab_size}, "
-              f"context {config.context_length}; batch 32, float32")
-        print_training(train)
+              f"context {config.context_length}; batch 32, float32", flush=True)
+        print_training(results[key]["train"])
         print()
-        print_inference(infer)
+        print_inference(results[key]["infer"])
+        other = results[key]["other"]
+        if other is not None:
+            note = "  -- a shared machine: times inflated, ratios less so" if other >= 0.1 else ""
+            print(f"other processes kept {other:.0%} of the cores busy meanwhile{note}", flush=True)
     if versions:
         print("\nPyTorch side: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"at end: {load_line()}")
     print("\ntargets:")
     for label, value, limit, ok in targets(results):
         print(f"  {label:<44}{value:8.3f}  <= {limit:<5}{'PASS' if ok else 'MISS'}")
