@@ -219,6 +219,15 @@ def log_x(ax, ticks=None, base=10):
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def label_points(ax, xs, ys, names, fontsize=8):
+    """Name each point; neighbours (in the given order) get different offsets so
+    points at the same place (e.g. LoRA and QLoRA) stay readable."""
+    offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 6, "right"), (-5, -13, "right")]
+    for i, (x, y, name) in enumerate(zip(xs, ys, names)):
+        dx, dy, ha = offsets[i % len(offsets)]
+        ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha)
+
+
 def bar_labels(ax, bars, fmt="{:.2f}"):
     """Write each bar's height above it."""
     for bar in bars:
