@@ -11,9 +11,10 @@ Run ``python bench.py`` (about two minutes; ``--quick`` for a rough look,
 * the matmul FLOPs of a step counted by hand, and the GFLOP/s achieved as a
   fraction of this machine's float32 matmul throughput, measured in the same run.
 
-Contestants are timed in turn, one step each per round (A B C A B C ...), and a
+Contestants are timed in alternating blocks of steps (A B C A B C ...), and a
 ratio is the median of the per-round ratios, so a shared machine whose speed
-drifts slows both sides of a comparison alike.
+drifts slows both sides of a comparison alike. The last line says how busy
+other processes kept the cores: quote runs where that share is near 0%.
 
 A row is ``Row(label, build)`` with ``build(config) -> (model, optimizer)``,
 ``model.forward(tokens) -> logits`` and ``model.backward(dlogits)``; an optimizer
@@ -258,13 +259,17 @@ def make_batch(config: GPTConfig, batch=BATCH, seq=SEQ, seed=0):
     return tokens[:, :-1].copy(), tokens[:, 1:].copy()
 
 
-def benchmark_config(name, config, rows=ROWS, repeats=10, with_torch=True, peak_gflops=None,
-                     warmup=2) -> list[dict]:
-    """Time every row (and its PyTorch counterpart) on one config, interleaved.
+def benchmark_config(name, config, rows=ROWS, rounds=4, steps=8, with_torch=True,
+                     peak_gflops=None, settle=0.3) -> list[dict]:
+    """Time every row (and its PyTorch counterpart) on one config, in alternating blocks.
 
-    Each round runs one step of every contestant in turn. Returns one dict per row:
-    ``ours``/``torch`` ``Timing`` (``torch`` is ``None`` when not timed), ``ratio``
-    (median over rounds of ours/torch), ``flops``, ``gflops``, ``peak_fraction``.
+    Each of ``rounds`` rounds gives every contestant in turn a block: a pause of
+    ``settle`` seconds, one untimed step, then ``steps`` timed ones. Blocks rather
+    than single steps, because BLAS and OpenMP worker threads keep spinning for a
+    while after their library's call and would slow whichever step comes next.
+    Returns one dict per row: ``ours``/``torch`` ``Timing`` (``torch`` is ``None``
+    when not timed), ``ratio`` (median over rounds of the two blocks' median
+    ratio), ``flops``, ``gflops``, ``peak_fraction``.
     """
     inputs, targets = make_batch(config)
     contestants = []                            # (row index, "ours" | "torch", run)
@@ -275,21 +280,24 @@ def benchmark_config(name, config, rows=ROWS, repeats=10, with_torch=True, peak_
         if with_torch and row.torch is not None:
             theirs = _TorchContestant(config, frozen=row.torch == "frozen")
             contestants.append((i, "torch", lambda t=theirs: t.run(inputs, targets)))
-    times = {(i, side): [] for i, side, _ in contestants}
-    for round_ in range(warmup + repeats):
+    blocks = {(i, side): [] for i, side, _ in contestants}     # per round: that block's times
+    for _ in range(rounds):
         for i, side, run in contestants:
-            ms = run()
-            if round_ >= warmup:
-                times[(i, side)].append(ms)
+            time.sleep(settle)
+            run()                                               # warm-up after the switch
+            blocks[(i, side)].append([run() for _ in range(steps)])
     results = []
     for i, row in enumerate(rows):
-        ours, theirs = times[(i, "ours")], times.get((i, "torch"))
+        ours, theirs = blocks[(i, "ours")], blocks.get((i, "torch"))
+        ours_t = Timing.of(np.concatenate(ours))
+        ratio = None
+        if theirs:
+            ratio = float(np.median([np.median(a) / np.median(b) for a, b in zip(ours, theirs)]))
         flops = row.flops(config) if row.flops is not None else None
-        gflops = flops / Timing.of(ours).median_ms / 1e6 if flops else None
+        gflops = flops / ours_t.median_ms / 1e6 if flops else None
         results.append(dict(
-            config=name, row=row.label, ours=Timing.of(ours),
-            torch=Timing.of(theirs) if theirs else None,
-            ratio=float(np.median(np.divide(ours, theirs))) if theirs else None,
+            config=name, row=row.label, ours=ours_t,
+            torch=Timing.of(np.concatenate(theirs)) if theirs else None, ratio=ratio,
             flops=flops, gflops=gflops,
             peak_fraction=gflops / peak_gflops if gflops and peak_gflops else None))
     return results
@@ -393,14 +401,15 @@ def main(argv=None):
     if with_torch:
         build_torch(CONFIGS["a"][1])                        # sets torch's 2 threads now
     print(machine_line(with_torch), flush=True)
-    repeats = {"a": 8 if args.quick else 50, "b": 3 if args.quick else 16}
+    blocks = {"a": (2, 5) if args.quick else (5, 10), "b": (2, 2) if args.quick else (4, 4)}
     results = []
     with OtherLoad() as load:
         peak = matmul_gflops()
         for key in args.configs:
             name, config = CONFIGS[key]
-            results += benchmark_config(name, config, repeats=repeats[key], with_torch=with_torch,
-                                        peak_gflops=peak)
+            rounds, steps = blocks[key]
+            results += benchmark_config(name, config, rounds=rounds, steps=steps,
+                                        with_torch=with_torch, peak_gflops=peak)
         peak = max(peak, matmul_gflops())                   # the better of before and after
     for r in results:
         r["peak_fraction"] = r["gflops"] / peak if r["gflops"] else None
