@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, parallel_rows
+from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 
 
 @dataclass
@@ -83,7 +83,7 @@ class CausalSelfAttention(Module):
     several times slower); ``self.att`` is the usual ``(B, H, T, P+T)`` view of it.
     Matmuls write through ``out=`` views straight into these layouts, so merging
     heads is a free reshape; ``q`` is scaled before ``k q^T`` (fewer numbers than
-    the scores); chunks of the batch run on all cores (``nn.parallel_rows``).
+    the scores).
     """
 
     def __init__(self, config: GPTConfig, rng):
@@ -140,26 +140,19 @@ class CausalSelfAttention(Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # (B, H, P+T, dh) views
         allowed = self.build_mask(T, P, attention_mask)     # (B|1, 1, T, P+T)
         zero, masked = q.dtype.type(0), q.dtype.type(_MASKED)
-        bias = np.where(allowed, zero, masked).transpose(3, 0, 1, 2)   # (P+T, B|1, 1, T)
-        blind = ~allowed.any(-1)                            # (B|1, 1, T): sees no key at all
-        any_blind = bool(blind.any())
         att = np.empty_like(q, shape=(P + T, B, H, T), order="C")   # key-major: att[s, b, h, t]
+        np.matmul(k, q.swapaxes(-1, -2), out=att.transpose(1, 2, 0, 3))   # k q^T (B, H, P+T, T)
+        att += np.where(allowed, zero, masked).transpose(3, 0, 1, 2)  # masked keys -> -1e30
+        att -= att.max(axis=0)                              # softmax over the keys, in place
+        np.exp(att, out=att)
+        att /= att.sum(axis=0)                              # (P+T, B, H, T)
+        blind = ~allowed.any(-1)                            # (B|1, 1, T): sees no key at all
+        if blind.any():
+            # a padded query with no visible key would spread uniformly over masked
+            # keys (future ones included); give it zero weights instead
+            att *= ~blind
         y = np.empty_like(q, shape=(B, T, H, dh), order="C")        # heads merge by a free reshape
-
-        def batch_rows(a, b):                               # sequences a..b-1
-            s = att[:, a:b]                                 # (P+T, n, H, T)
-            np.matmul(k[a:b], q[a:b].swapaxes(-1, -2), out=s.transpose(1, 2, 0, 3))  # k q^T
-            s += bias if bias.shape[1] == 1 else bias[:, a:b]   # masked keys -> -1e30
-            s -= s.max(axis=0)                              # softmax over the keys
-            np.exp(s, out=s)
-            s /= s.sum(axis=0)
-            if any_blind:
-                # a padded query with no visible key would spread uniformly over
-                # masked keys (future ones included); give it zero weights instead
-                s *= ~blind if blind.shape[0] == 1 else ~blind[a:b]
-            np.matmul(s.transpose(1, 2, 3, 0), v[a:b], out=y[a:b].transpose(0, 2, 1, 3))
-
-        parallel_rows(batch_rows, B, H * T * (P + T))
+        np.matmul(att.transpose(1, 2, 3, 0), v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, dh)
         self.q, self.k, self.v, self.P = q, k, v, P
         self.att = att.transpose(1, 2, 3, 0)                # (B, H, T, P+T) view, for reading
         return self.out_proj(y.reshape(B, T, D))
@@ -173,21 +166,16 @@ class CausalSelfAttention(Module):
         dy = self._split(self.out_proj.backward(dout), B, T)   # (B, H, T, dh)
         empty = lambda *shape: np.empty_like(dy, shape=shape, dtype=dt, order="C")  # noqa: E731
         dscores = empty(S, B, H, T)                         # key-major, like att
+        np.matmul(v, dy.swapaxes(-1, -2), out=dscores.transpose(1, 2, 0, 3))  # datt^T = v dy^T
+        # softmax backward: dscores = att * (datt - sum_s(datt * att))
+        dscores -= np.einsum("sbht,sbht->bht", dscores, att)
+        dscores *= att                                      # (P+T, B, H, T)
         dq = empty(B, T, H, dh)                             # (B, T, H, dh) layouts:
         dk, dv = empty(B, S, H, dh), empty(B, S, H, dh)     # heads merge by a reshape
-
-        def batch_rows(a, b):                               # sequences a..b-1
-            at, ds = att[:, a:b], dscores[:, a:b]           # (P+T, n, H, T)
-            np.matmul(v[a:b], dy[a:b].swapaxes(-1, -2), out=ds.transpose(1, 2, 0, 3))  # datt
-            # softmax backward: dscores = att * (datt - sum_s(datt * att))
-            ds -= np.einsum("sbht,sbht->bht", ds, at)
-            ds *= at
-            np.matmul(ds.transpose(1, 2, 3, 0), k[a:b], out=dq[a:b].transpose(0, 2, 1, 3))
-            dq[a:b] *= self.scale                           # forward scaled q
-            np.matmul(ds.transpose(1, 2, 0, 3), q[a:b], out=dk[a:b].transpose(0, 2, 1, 3))
-            np.matmul(at.transpose(1, 2, 0, 3), dy[a:b], out=dv[a:b].transpose(0, 2, 1, 3))
-
-        parallel_rows(batch_rows, B, H * T * S)
+        np.matmul(dscores.transpose(1, 2, 3, 0), k, out=dq.transpose(0, 2, 1, 3))  # dscores k
+        dq *= self.scale                                    # forward scaled q
+        np.matmul(dscores.transpose(1, 2, 0, 3), q, out=dk.transpose(0, 2, 1, 3))  # dscores^T q
+        np.matmul(att.transpose(1, 2, 0, 3), dy, out=dv.transpose(0, 2, 1, 3))     # att^T dy
         if P:
             dpk, dpv = dk[:, :P].copy(), dv[:, :P].copy()   # (B, P, H, dh)
             if not self.prefix_batched:

@@ -17,47 +17,9 @@ The protocol (one mechanism for every module, PEFT wrappers included):
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
-
-# ---- elementwise work on every core ------------------------------------------
-# NumPy runs each elementwise operation on one core, but releases the GIL while
-# it runs; so a pool of threads working on disjoint chunks of rows uses them all.
-if hasattr(os, "sched_getaffinity"):
-    _NUM_THREADS = len(os.sched_getaffinity(0))             # the cores this process may use
-else:
-    _NUM_THREADS = os.cpu_count() or 1
-_MIN_CHUNK = 32768                # elements per chunk, below which thread overhead dominates
-_pool, _pool_pid = None, None
-_in_worker = threading.local()
-
-
-def _run_in_worker(kernel, a, b):
-    _in_worker.active = True
-    kernel(a, b)
-
-
-def parallel_rows(kernel, rows, row_size=1):
-    """Call ``kernel(start, stop)`` on chunks that cover ``range(rows)``, in parallel.
-
-    Each call must touch only its own rows (of outputs allocated beforehand), so the
-    result is the same as ``kernel(0, rows)``, which is what small problems get.
-    """
-    global _pool, _pool_pid
-    chunks = min(rows, 4 * _NUM_THREADS, rows * row_size // _MIN_CHUNK)
-    if _NUM_THREADS < 2 or chunks < 2 or getattr(_in_worker, "active", False):
-        kernel(0, rows)
-        return
-    if _pool_pid != os.getpid():                            # first use, or a forked child
-        _pool, _pool_pid = ThreadPoolExecutor(_NUM_THREADS), os.getpid()
-    bounds = [rows * i // chunks for i in range(chunks + 1)]
-    futures = [_pool.submit(_run_in_worker, kernel, a, b) for a, b in zip(bounds, bounds[1:])]
-    for future in futures:
-        future.result()                                     # re-raises a kernel's error
 
 
 class Module:
@@ -326,45 +288,30 @@ class LayerNorm(Module):
 
     def forward(self, x):
         D = self.dim
-        x2 = x.reshape(-1, D)                               # (N, D)
-        xhat = np.empty_like(x2, order="C")                 # (N, D)
-        y = np.empty_like(x2, dtype=np.result_type(x2, self.weight), order="C")  # (N, D)
-        rstd = np.empty_like(x2, shape=(len(x2), 1), order="C")  # (N, 1)
-
-        def rows(a, b):
-            mu = np.einsum("ni->n", x2[a:b])[:, None] / D   # (n, 1)
-            xc = np.subtract(x2[a:b], mu, out=xhat[a:b])    # (n, D)
-            var = np.einsum("ni,ni->n", xc, xc)[:, None] / D
-            rstd[a:b] = 1.0 / np.sqrt(var + self.eps)       # (n, 1)
-            xc *= rstd[a:b]                                 # xhat
-            np.multiply(xc, self.weight, out=y[a:b])
-            y[a:b] += self.bias
-
-        parallel_rows(rows, len(x2), D)
-        self.rstd = rstd.reshape(*x.shape[:-1], 1)          # (..., 1)
-        self.xhat = xhat.reshape(x.shape)                   # (..., D)
-        return y.reshape(x.shape)                           # (..., D)
+        mu = np.einsum("...i->...", x)[..., None] / D       # (..., 1)
+        xc = x - mu                                         # (..., D)
+        var = np.einsum("...i,...i->...", xc, xc)[..., None] / D   # (..., 1)
+        self.rstd = 1.0 / np.sqrt(var + self.eps)           # (..., 1)
+        xc *= self.rstd                                     # xhat, in place: xc is ours
+        self.xhat = xc                                      # (..., D)
+        y = xc * self.weight                                # (..., D)
+        y += self.bias
+        return y
 
     def backward(self, dout):
-        D = self.dim
-        d2, xhat2, rstd = dout.reshape(-1, D), self.xhat.reshape(-1, D), self.rstd.reshape(-1, 1)
+        D, xhat = self.dim, self.xhat
         if self.wants_grad("weight"):
-            self._accumulate("weight", np.einsum("ni,ni->i", d2, xhat2))   # (D,)
+            self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D), xhat.reshape(-1, D)))
         if self.wants_grad("bias"):
-            self._accumulate("bias", d2.sum(0))             # (D,)
-        dx = np.empty_like(d2, dtype=np.result_type(d2, xhat2, self.weight), order="C")  # (N, D)
-
-        def rows(a, b):
-            dxhat = d2[a:b] * self.weight                   # (n, D)
-            proj = np.einsum("ni,ni->n", dxhat, xhat2[a:b])[:, None] / D  # mean(dxhat * xhat)
-            mean = np.einsum("ni->n", dxhat)[:, None] / D                # mean(dxhat)
-            out = np.multiply(xhat2[a:b], proj, out=dx[a:b])
-            out += mean
-            np.subtract(dxhat, out, out=out)                # dxhat - mean - xhat * proj
-            out *= rstd[a:b]
-
-        parallel_rows(rows, len(d2), D)
-        return dx.reshape(dout.shape)
+            self._accumulate("bias", dout.reshape(-1, D).sum(0))   # (D,)
+        dxhat = dout * self.weight                          # (..., D)
+        proj = np.einsum("...i,...i->...", dxhat, xhat)[..., None] / D   # mean(dxhat * xhat)
+        mean = np.einsum("...i->...", dxhat)[..., None] / D              # mean(dxhat)
+        dx = xhat * proj                                    # (..., D)
+        dx += mean
+        np.subtract(dxhat, dx, out=dx)                      # dxhat - mean - xhat * proj
+        dx *= self.rstd
+        return dx
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -386,42 +333,28 @@ class GELU(Module):
 
     def forward(self, x):
         self.x = x                                          # (..., F)
-        x1 = x.reshape(-1)                                  # flat: the op is elementwise
-        s, y = np.empty_like(x1), np.empty_like(x1)         # gate and output, flat
-
-        def chunk(a, b):
-            xi, u = x1[a:b], s[a:b]
-            np.multiply(xi, xi, out=u)                      # x^2
-            u *= _GELU_C * _GELU_A
-            u += _GELU_C
-            u *= xi                                         # u = c (x + a x^3)
-            np.tanh(u, out=u)                               # t = tanh(u)
-            u += 1.0
-            u *= 0.5                                        # s = 0.5 (1 + t)
-            np.multiply(xi, u, out=y[a:b])                  # y = x s
-
-        parallel_rows(chunk, x1.size)
-        self.s = s.reshape(x.shape)
-        return y.reshape(x.shape)                           # (..., F)
+        u = x * x                                           # x^2
+        u *= _GELU_C * _GELU_A
+        u += _GELU_C
+        u *= x                                              # u = c (x + a x^3)
+        s = np.tanh(u, out=u)                               # t = tanh(u), in place
+        s += 1.0
+        s *= 0.5                                            # s = 0.5 (1 + t)
+        self.s = s
+        return x * s                                        # (..., F)
 
     def backward(self, dout):
-        x1, s1, d1 = self.x.reshape(-1), self.s.reshape(-1), dout.reshape(-1)
-        dx = np.empty_like(d1, dtype=np.result_type(x1, d1))   # flat
-
-        def chunk(a, b):
-            xi, si, g = x1[a:b], s1[a:b], dx[a:b]
-            np.multiply(xi, xi, out=g)                      # x^2
-            g *= 2 * 3 * _GELU_A * _GELU_C
-            g += 2 * _GELU_C                                # 2 u'
-            g *= xi                                         # 2 x u'
-            w = 1.0 - si
-            w *= si                                         # s (1 - s)
-            g *= w                                          # x s' = 2 x u' s (1 - s)
-            g += si                                         # dy/dx = s + x s'
-            g *= d1[a:b]
-
-        parallel_rows(chunk, x1.size)
-        return dx.reshape(dout.shape)                       # (..., F)
+        x, s = self.x, self.s
+        g = x * x                                           # x^2
+        g *= 2 * 3 * _GELU_A * _GELU_C
+        g += 2 * _GELU_C                                    # 2 u'
+        g *= x                                              # 2 x u'
+        w = 1.0 - s
+        w *= s                                              # s (1 - s)
+        g *= w                                              # x s' = 2 x u' s (1 - s)
+        g += s                                              # dy/dx = s + x s'
+        g *= dout
+        return g                                            # (..., F)
 
 
 class ReLU(Module):
