@@ -230,7 +230,8 @@ def scatter_add_rows(ids, rows, num_rows):
     time, while here the ids are sorted once and every run of equal ids is summed
     by one ``np.add.reduceat``.
     """
-    ids, rows = np.asarray(ids).reshape(-1), rows.reshape(len(np.asarray(ids).reshape(-1)), -1)
+    ids = np.asarray(ids).reshape(-1)                       # (N,)
+    rows = rows.reshape(len(ids), -1)                       # (N, dim)
     out = np.zeros((num_rows, rows.shape[1]), dtype=rows.dtype)
     if ids.size == 0:
         return out
@@ -300,8 +301,9 @@ class LayerNorm(Module):
 
     def backward(self, dout):
         D, xhat = self.dim, self.xhat
-        if self.wants_grad("weight"):
-            self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D), xhat.reshape(-1, D)))
+        if self.wants_grad("weight"):                       # sum over rows of dout * xhat
+            self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D),
+                                                 xhat.reshape(-1, D)))   # (D,)
         if self.wants_grad("bias"):
             self._accumulate("bias", dout.reshape(-1, D).sum(0))   # (D,)
         dxhat = dout * self.weight                          # (..., D)
@@ -395,8 +397,9 @@ ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
 def softmax(x, axis=-1):
     """Numerically stable softmax (subtracts the max along ``axis``); a new array.
 
-    Reductions over a short contiguous last axis are slow in NumPy; callers with
-    a choice of layout (attention) put the softmax axis first, ``axis=0``.
+    Reductions over a short contiguous last axis are slow in NumPy; where the
+    layout is free, put the softmax axis first (the attention stores its scores
+    key-major and does this in place over axis 0).
     """
     e = x - x.max(axis=axis, keepdims=True)
     np.exp(e, out=e)
