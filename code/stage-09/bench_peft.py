@@ -17,9 +17,10 @@ Run ``python bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
 
 Prefix and prompt tuning add 10 virtual tokens, so their rows use 54 real tokens
 (54 + 10 = the context of 64); a full fine-tuning row and a base row at seq 54 are
-there to compare them with. Contestants run in turn, one call each per round
-(A B C A B C ...), and every ratio is the median of the per-round ratios, so a
-shared machine whose speed drifts slows both sides of a comparison alike.
+there to compare them with. Contestants run in alternating blocks of steps
+(A B C A B C ...), and every ratio is the median over rounds of the two blocks'
+median ratio, so a shared machine whose speed drifts slows both sides alike.
+Threads: 2 per side, fewer under ``taskset`` (set OPENBLAS_NUM_THREADS to match).
 """
 from __future__ import annotations
 
@@ -130,14 +131,35 @@ def forward_ms(model, tokens) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def interleaved(contestants: dict, rounds: int, warmup: int = 2) -> dict:
-    """``{name: ms array}``: one call of every ``fn() -> ms`` per round, in turn."""
+@dataclass(frozen=True)
+class Schedule:
+    rounds: int
+    steps: int
+    settle: float = 0.0                         # seconds of pause before each block
+
+
+# (training, inference) per config; a pause before each training block, where our
+# steps alternate with the PyTorch child's
+SCHEDULES = {"a": (Schedule(5, 8, 0.3), Schedule(5, 10)),
+             "b": (Schedule(4, 4, 0.3), Schedule(4, 5))}
+QUICK = {"a": (Schedule(2, 3, 0.3), Schedule(2, 5)), "b": (Schedule(2, 2, 0.3), Schedule(2, 2))}
+
+
+def in_blocks(contestants: dict, schedule: Schedule) -> dict:
+    """``{name: (rounds, steps) array of ms}`` for every ``fn() -> ms``.
+
+    In each round every contestant in turn runs a block: a pause of ``settle``
+    seconds, one untimed call, then ``steps`` timed ones. Blocks, as in
+    ``bench.benchmark_config``, because BLAS and OpenMP worker threads keep
+    spinning for a while after their library's call and would slow whatever runs
+    next, in this process or in the PyTorch child.
+    """
     times = {name: [] for name in contestants}
-    for round_ in range(warmup + rounds):
+    for _ in range(schedule.rounds):
         for name, fn in contestants.items():
-            ms = fn()
-            if round_ >= warmup:
-                times[name].append(ms)
+            time.sleep(schedule.settle)
+            fn()
+            times[name].append([fn() for _ in range(schedule.steps)])
     return {name: np.array(t) for name, t in times.items()}
 
 
@@ -244,12 +266,17 @@ class TorchSide:
 
 # ---- one config -------------------------------------------------------------------------
 def ratios(times, ref) -> dict:
-    """``{name: median over rounds of times[name] / times[ref]}``."""
-    return {name: float(np.median(t / times[ref])) for name, t in times.items()}
+    """``{name: median over rounds of (its block's median / ref's block's median)}``."""
+    med = {name: np.median(t, axis=1) for name, t in times.items()}         # (rounds,)
+    return {name: float(np.median(m / med[ref])) for name, m in med.items()}
 
 
-def bench_training(config, rounds, torch_side=None) -> dict:
-    """Time every ``TRAINING`` row (and the PyTorch ones) interleaved; count their state."""
+def timings(times) -> dict:
+    return {name: Timing.of(t.ravel()) for name, t in times.items()}
+
+
+def bench_training(config, schedule, torch_side=None) -> dict:
+    """Time every ``TRAINING`` row (and the PyTorch ones) in blocks; count their state."""
     batches = {seq: make_batch(config, seq=seq) for seq in {c.seq for c in TRAINING}}
     models, contestants = {}, {}
     for case in TRAINING:
@@ -259,27 +286,23 @@ def bench_training(config, rounds, torch_side=None) -> dict:
             m[0], b[0], b[1], m[1])
     for name in torch_side.built if torch_side else []:
         contestants[name] = lambda n=name: torch_side.step(n)
-    times = interleaved(contestants, rounds)
+    times = in_blocks(contestants, schedule)
     state = {k: memory_report(m, opt)["trainable_state"] for k, (m, opt) in models.items()}
-    x_full = ratios(times, "full")
-    ours_over = {}
-    for key, pairs in TORCH.items():                        # ours / torch, per round
-        for name, _ in pairs:
-            if name in times:
-                ours_over[name] = float(np.median(times[key] / times[name]))
-    return dict(times={k: Timing.of(t) for k, t in times.items()}, x_full=x_full, state=state,
+    ours_over = {name: ratios(times, name)[key]                 # ours / torch
+                 for key, pairs in TORCH.items() for name, _ in pairs if name in times}
+    return dict(times=timings(times), x_full=ratios(times, "full"), state=state,
                 ours_over=ours_over, qlora_over_lora=ratios(times, "lora_all")["qlora"])
 
 
-def bench_inference(config, rounds) -> dict:
-    """Time one eval-mode forward of every ``INFERENCE`` row, interleaved."""
+def bench_inference(config, schedule) -> dict:
+    """Time one eval-mode forward of every ``INFERENCE`` row, in alternating blocks."""
     tokens = {seq: make_batch(config, seq=seq)[0] for seq in {c.seq for c in INFERENCE}}
     contestants = {}
     for case in INFERENCE:
         model = case.build(config).eval()
         contestants[case.key] = lambda m=model, t=tokens[case.seq]: forward_ms(m, t)
-    times = interleaved(contestants, rounds)
-    return dict(times={k: Timing.of(t) for k, t in times.items()}, x_base=ratios(times, "base"))
+    times = in_blocks(contestants, schedule)
+    return dict(times=timings(times), x_base=ratios(times, "base"))
 
 
 # ---- printing ---------------------------------------------------------------------------------
@@ -300,7 +323,7 @@ def print_training(train):
                 print(f"{'  ' + label:<30}{SEQ:>4}{_timing(train['times'][name])}{'':>35}"
                       f"{train['ours_over'][name]:>10.2f}")
     print(f"QLoRA / LoRA (all linears) step: {train['qlora_over_lora']:.2f}x "
-          f"(what the NF4 base costs: QuantizedLinear dequantizes and multiplies, twice)")
+          f"(the NF4 base: QuantizedLinear dequantizes and multiplies, forward and backward)")
 
 
 def print_inference(infer):
@@ -334,16 +357,11 @@ def targets(results) -> list:
 
 
 def threads() -> int:
-    """Threads per side: 2, or fewer under ``taskset`` (``nn.parallel_rows`` follows it too)."""
+    """Threads per side: 2, or the cores ``taskset`` leaves us if fewer."""
     return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
 
 
-def load_line() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
-
-
-def run_config(config, rounds, with_torch):
+def run_config(config, schedules, with_torch):
     """Training (beside the PyTorch side), then inference, on one config.
 
     Returns ``(result, versions)``; ``result["other"]`` is the share of the cores
@@ -354,12 +372,12 @@ def run_config(config, rounds, with_torch):
     with OtherLoad() as load:
         torch_side = TorchSide(config, *make_batch(config)) if with_torch else None
         try:
-            train = bench_training(config, rounds[0], torch_side)
+            train = bench_training(config, schedules[0], torch_side)
         finally:
             if torch_side is not None:
                 child_cpu, versions = torch_side.cpu_seconds(), torch_side.versions
                 torch_side.close()
-        infer = bench_inference(config, rounds[1])
+        infer = bench_inference(config, schedules[1])
     core_seconds = (time.perf_counter() - start) * (os.cpu_count() or 1)
     other = None if load.share is None else max(0.0, load.share - child_cpu / core_seconds)
     return dict(train=train, infer=infer, other=other), versions
@@ -376,12 +394,11 @@ def main(argv=None):
     print(machine_line(False) + f"; {threads()} threads per side"
           + (f" (OPENBLAS_NUM_THREADS={blas})" if blas else "")
           + ("; PyTorch in a child process" if with_torch else ""))
-    print(f"at start: {load_line()}")
-    rounds = {"a": (6, 10) if args.quick else (30, 40), "b": (3, 5) if args.quick else (12, 20)}
     results, versions = {}, {}
     for key in args.configs:
         name, config = CONFIGS[key]
-        results[key], versions = run_config(config, rounds[key], with_torch)
+        schedules = (QUICK if args.quick else SCHEDULES)[key]
+        results[key], versions = run_config(config, schedules, with_torch)
         print(f"\n{name}: d_model {config.d_model}, {config.n_layers} layers, "
               f"{config.n_heads} heads, vocab {config.vocab_size}, "
               f"context {config.context_length}; batch 32, float32", flush=True)
