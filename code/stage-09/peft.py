@@ -78,21 +78,26 @@ class LoRALayer(Module):
 
     # the update alone: the form LoRALinear and the model use
     def delta(self, x):
-        """``scaling * dropout(x) @ A.T @ B.T``: ``(..., in)`` -> ``(..., out)``."""
-        self.x_drop = self.dropout(x)                       # (..., in)
-        self.h = self.x_drop @ self.A.T                     # (..., r)
-        return (self.h @ self.B.T) * self.scaling           # (..., out)
+        """``scaling * dropout(x) @ A.T @ B.T``: ``(..., in)`` -> ``(..., out)``.
+
+        Rows are flattened so each product is one 2-D matmul, and the scaling is
+        applied on the rank-``r`` side, where it costs ``N*r`` multiplications.
+        """
+        self.x_drop = self.dropout(x).reshape(-1, self.in_features)   # (N, in)
+        self.h = self.x_drop @ self.A.T                     # (N, r)
+        out = (self.h * self.scaling) @ self.B.T            # (N, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def delta_backward(self, dout):
         """Backward of ``delta``: accumulates ``A_grad``, ``B_grad``; returns dx."""
-        r = self.rank
         d2 = dout.reshape(-1, self.out_features)            # (N, out)
         if self.wants_grad("B"):                            # dB = s * dout^T h
-            self._accumulate("B", (d2.T @ self.h.reshape(-1, r)) * self.scaling)
-        dh = (dout @ self.B) * self.scaling                 # (..., r)
+            self._accumulate("B", (d2.T @ self.h) * self.scaling)
+        dh = (d2 @ self.B) * self.scaling                   # (N, r)
         if self.wants_grad("A"):                            # dA = dh^T x
-            self._accumulate("A", dh.reshape(-1, r).T @ self.x_drop.reshape(-1, self.in_features))
-        return self.dropout.backward(dh @ self.A)           # (..., in)
+            self._accumulate("A", dh.T @ self.x_drop)
+        dx = (dh @ self.A).reshape(*dout.shape[:-1], self.in_features)   # (..., in)
+        return self.dropout.backward(dx)
 
     # the course's standalone form: the frozen weight is passed in
     def forward(self, x, W):
@@ -106,8 +111,10 @@ class LoRALayer(Module):
 
     # how a wrapping LoRALinear uses the update (DoRA overrides these three)
     def adapt(self, x, base_out, layer):
-        """The adapted output given the frozen layer's output: ``base_out + delta(x)``."""
-        return base_out + self.delta(x)
+        """The adapted output given the frozen layer's output: ``base_out + delta(x)``
+        (added in place: ``base_out`` is a fresh array the frozen layer does not keep)."""
+        base_out += self.delta(x)
+        return base_out
 
     def adapt_backward(self, dout):
         """``(gradient for the frozen layer's output, dx through the LoRA path)``."""
