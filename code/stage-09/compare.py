@@ -122,20 +122,26 @@ def pretrain_metrics(model, n):
     return float(np.mean(accs)), float(np.mean(ces))
 
 
-def run(spec: RunSpec) -> dict:
-    """One fine-tuning run; returns a flat dict of measurements."""
+def finetune(spec: RunSpec):
+    """Build and train one run: ``(model, optimizer, lr, final loss, per-step seconds)``."""
     model = build(spec)
     lr = spec.lr or METHODS[spec.method].lr
     optimizer = AdamW(model, lr=lr)
     data = make_examples(spec.task, spec.n_train, seed=0)
     rng = np.random.default_rng(spec.seed)
-    times = []
+    times, loss = [], float("nan")
     for step in range(spec.steps):
         optimizer.set_lr_scale(warmup_cosine(step, spec.steps, spec.steps // 20))
         batch = [data[i] for i in rng.integers(0, len(data), spec.batch_size)]
         t0 = time.perf_counter()
         loss, _ = train_step(model, optimizer, batch, grad_clip=1.0)
         times.append(time.perf_counter() - t0)
+    return model, optimizer, lr, loss, times
+
+
+def run(spec: RunSpec) -> dict:
+    """One fine-tuning run; returns a flat dict of measurements."""
+    model, optimizer, lr, loss, times = finetune(spec)
     trainable, total = model.get_nb_trainable_parameters()
     row = {"method": spec.method, "task": spec.task, "seed": spec.seed, "rank": spec.rank,
            "lr": lr, "steps": spec.steps, "final_loss": float(loss),
