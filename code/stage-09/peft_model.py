@@ -99,6 +99,12 @@ class PeftModel(Module):
             if enc is not None:
                 yield METHODS[self.adapters[name].config.peft_type].encoder_attr, enc
 
+    def __setstate__(self, state):
+        # unpickled in a fresh process (a data-parallel worker): register the methods,
+        # as get_peft_model does, before anything looks one up
+        import peft_methods  # noqa: F401
+        self.__dict__.update(state)
+
     def __getattr__(self, name):
         if name in ("base_model", "adapters", "active_adapters") or name.startswith("__"):
             raise AttributeError(name)

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from data_parallel import environment
+
 QUICK_ENV = "PEFT_NOTEBOOK_QUICK"
 BASE_ENV = "PEFT_PRETRAINED_DIR"          # another base directory (development only)
 RESULTS_ENV = "PEFT_RESULTS_JSON"         # another comparison results file (development only)
@@ -250,18 +252,10 @@ def run_notebook(path, quick=False, timeout=900, write=False):
     nb = nbformat.read(path, as_version=4)
     # (jupyter_client runs the "python3" kernel with this interpreter, a venv's included)
     env = {QUICK_ENV: "1" if quick else "", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)                  # the kernel inherits this process's environment
     start = time.perf_counter()
-    try:
+    with environment(env):                  # the kernel inherits this process's environment
         NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                        resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}}).execute()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     seconds = time.perf_counter() - start
     if write:
         nbformat.write(nb, path)

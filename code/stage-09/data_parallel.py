@@ -1,0 +1,334 @@
+"""Data parallelism on one machine: every core runs a whole training step on a slice of the batch.
+
+Why. NumPy runs each elementwise operation (GELU, LayerNorm, softmax, AdamW) on one
+core. PyTorch splits every such operation across threads, which pays when one
+operation takes milliseconds; on the teaching model one takes tens of
+microseconds, and handing half of it to a Python thread costs about as much as it
+saves (we measured a thread pool over rows: the step got slower). So use the cores
+the way PyTorch's ``DistributedDataParallel`` does instead: ``N`` processes, each
+running the complete forward and backward pass on ``B/N`` sequences with
+single-threaded BLAS, and the gradients added up. Nothing per operation has to be
+shared, so the overhead is one message per process per step.
+
+How. At start the model is copied into ``processes - 1`` worker processes, and
+every parameter of every copy -- the main model's included -- is moved into one
+block of shared memory that all of them map. So when the optimizer updates a
+weight in place in the main process, the workers see the new value at once, with
+nothing copied. Each worker writes its gradients into a second shared block, and
+the main process adds them to its own::
+
+    with DataParallel(model, processes=2) as dp:
+        for inputs, targets in batches:
+            optimizer.zero_grad()
+            loss = dp.forward_backward(inputs, targets)   # the mean loss of the whole batch
+            clip_grad_norm(model, 1.0)                    # optional: sees the summed gradients
+            optimizer.step()                              # updates the shared weights in place
+
+The gradients equal those of ``model.forward`` + ``cross_entropy`` + ``model.backward``
+on the whole batch (up to float rounding): each slice's ``dlogits`` is scaled by its
+share of the counted target tokens, so a slice with more ``-100`` targets weighs less.
+
+What the workers copy once, at start: the module structure, the trainable flags,
+the active adapters, everything that is not a parameter. Change any of those
+(freeze a layer, switch or merge an adapter) and build a new ``DataParallel``;
+in-place changes to parameter values are shared. Dropout draws its masks from each
+process's own generator, so with dropout > 0 the random masks differ from a
+single-process run. During ``forward_backward`` the main process's BLAS runs on one
+thread (the other cores are busy with the workers); ``close()`` gives the model
+ordinary arrays again.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import traceback
+from contextlib import contextmanager
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from nn import cross_entropy
+
+_ALIGN = 64                      # bytes: each array starts on its own cache line
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def environment(variables: dict):
+    """Set environment ``variables`` for the block (a child process started in it
+    inherits them), then restore what was there before."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's ``malloc`` keep freed memory for reuse instead of handing it back.
+
+    A training step allocates and frees the same few-megabyte arrays every time. By
+    default glibc serves big requests with fresh ``mmap`` pages and gives them back
+    on ``free``, and trims the heap's free top, so the next step pays a page fault
+    (and the kernel's zeroing) for every 4 KB page again: on the teaching config
+    that was 23 ms instead of 30 ms for the same step, depending only on the
+    allocator's history. Raising both thresholds keeps the pages in the process.
+    Costs: the process keeps its peak memory. Returns ``False`` (changing nothing)
+    where the C library has no ``mallopt`` (macOS, Windows).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# ---- parameters in shared memory ---------------------------------------------
+def _layout(arrays):
+    """``[(name, shape, dtype, offset)]`` packing ``arrays`` (name -> ndarray), and the total bytes."""
+    layout, offset = [], 0
+    for name, value in arrays:
+        layout.append((name, value.shape, value.dtype.str, offset))
+        offset += -(-value.nbytes // _ALIGN) * _ALIGN
+    return layout, max(offset, _ALIGN)
+
+
+def _views(buffer, layout):
+    """``{name: ndarray}`` views into ``buffer``, one per ``layout`` entry."""
+    return {name: np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
+            for name, shape, dtype, offset in layout}
+
+
+def _owner(model, name):
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _rebind(model, views, copy_values):
+    """Make each parameter of ``model`` the view of the same name (copying its value first)."""
+    for name, view in views.items():
+        module, attr = _owner(model, name)
+        if copy_values:
+            view[...] = getattr(module, attr)
+        setattr(module, attr, view)
+
+
+# ---- one slice of a batch ------------------------------------------------------
+def _count(targets, ignore_index=-100) -> int:
+    return int(np.count_nonzero(np.asarray(targets) != ignore_index))
+
+
+def slice_forward_backward(model, inputs, targets, total, attention_mask=None) -> float:
+    """Forward, cross-entropy and backward on one slice of a batch of ``total`` counted targets.
+
+    Scales this slice's ``dlogits`` by ``count / total`` so that the slices' gradients
+    add up to the gradient of the whole batch's mean loss; returns ``loss * count``
+    (the slices' returns add up to ``mean loss * total``).
+    """
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits = model.forward(inputs, **kwargs)                # (b, T, V)
+    loss, dlogits = cross_entropy(logits, targets)
+    count = _count(targets)
+    dlogits *= dlogits.dtype.type(count / total)
+    model.backward(dlogits)
+    return loss * count
+
+
+def _worker(conn, model, param_name, param_layout, grad_name, grad_layout):
+    """A worker's life: map the shared blocks, then answer one slice per message."""
+    keep_freed_memory()
+    # (a spawned worker shares its parent's resource tracker, which already knows
+    # these blocks: attaching registers nothing new, and the parent unlinks them)
+    params, grads = SharedMemory(name=param_name), SharedMemory(name=grad_name)
+    grad_views = {}
+    try:
+        _rebind(model, _views(params.buf, param_layout), copy_values=False)
+        grad_views = _views(grads.buf, grad_layout)
+        conn.send("ready")
+        while True:
+            message = conn.recv()
+            if message is None:                             # close()
+                break
+            training, (inputs, targets, total, attention_mask) = message
+            try:
+                model.train(training)
+                model.zero_grad()
+                loss_sum = slice_forward_backward(model, inputs, targets, total, attention_mask)
+                for name, view in grad_views.items():
+                    module, attr = _owner(model, name)
+                    grad = getattr(module, attr + "_grad", None)
+                    view[...] = 0 if grad is None else grad
+                conn.send(("ok", loss_sum))
+            except Exception as error:                      # report, keep serving
+                conn.send(("error", (error, traceback.format_exc())))
+    finally:
+        del grad_views
+        _release_model(model, param_layout)
+        params.close()
+        grads.close()
+
+
+def _release_model(model, layout):
+    """Give ``model`` private copies of its parameters (so the shared block can close)."""
+    for name, *_ in layout:
+        module, attr = _owner(model, name)
+        setattr(module, attr, np.array(getattr(module, attr)))
+
+
+class DataParallel:
+    """Split each batch across ``processes`` processes; sum their gradients into ``model``.
+
+    ``processes`` defaults to the usable cores. With one process (or a batch of one
+    sequence) everything runs here, in this process, as a plain training step would.
+    """
+
+    def __init__(self, model, processes: int | None = None):
+        processes = usable_cores() if processes is None else int(processes)
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.model, self.processes = model, processes
+        self._workers, self._conns, self._blocks = [], [], []
+        self._param_layout = self._grad_layout = None
+        self._blas = None
+        if processes > 1:
+            keep_freed_memory()
+            try:
+                self._start(processes - 1)
+            except BaseException:
+                self.close()
+                raise
+
+    def _start(self, n_workers):
+        params = list(self.model.named_parameters())
+        trainable = list(self.model.named_parameters(trainable_only=True))
+        self._param_layout, size = _layout(params)
+        self._grad_layout, grad_size = _layout(trainable)
+        shared = SharedMemory(create=True, size=size)
+        self._blocks.append(shared)
+        self._param_views = _views(shared.buf, self._param_layout)
+        _rebind(self.model, self._param_views, copy_values=True)
+        self._grad_views = []
+        ctx = mp.get_context("spawn")                       # a clean interpreter: no inherited threads
+        with environment({k: "1" for k in _THREAD_VARS}):  # the workers' BLAS: one thread each
+            for _ in range(n_workers):
+                grads = SharedMemory(create=True, size=grad_size)
+                self._blocks.append(grads)
+                self._grad_views.append(_views(grads.buf, self._grad_layout))
+                here, there = ctx.Pipe()
+                worker = ctx.Process(target=_worker, daemon=True,
+                                     args=(there, self.model, shared.name, self._param_layout,
+                                           grads.name, self._grad_layout))
+                worker.start()
+                there.close()
+                self._workers.append(worker)
+                self._conns.append(here)
+        for conn, worker in zip(self._conns, self._workers):
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError(f"data-parallel worker {worker.pid} did not start "
+                                   f"(exit code {worker.exitcode})")
+        self._blas = ThreadpoolController().select(user_api="blas")
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    # ---- one step ----------------------------------------------------------
+    def forward_backward(self, inputs, targets, attention_mask=None) -> float:
+        """Forward and backward of the mean cross-entropy on the whole batch; returns it.
+
+        Gradients are *added* to the model's (zero them first, as for ``backward``).
+        """
+        inputs, targets = np.asarray(inputs), np.asarray(targets)
+        if inputs.ndim < 1 or targets.shape[:1] != inputs.shape[:1]:
+            raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must share "
+                             f"the batch axis (axis 0)")
+        total = max(_count(targets), 1)
+        pieces = min(self.processes, len(inputs))
+        if not self._workers:
+            pieces = 1
+        bounds = np.linspace(0, len(inputs), pieces + 1).round().astype(int)
+        slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def part(s):
+            mask = None if attention_mask is None else np.asarray(attention_mask)[s]
+            return inputs[s], targets[s], total, mask
+
+        sent = []
+        training = bool(getattr(self.model, "training", True))
+        for conn, s in zip(self._conns, slices[1:]):        # the workers take slices 1..
+            conn.send((training, part(s)))
+            sent.append(conn)
+        try:
+            if self._blas is None:
+                loss_sum = slice_forward_backward(self.model, *part(slices[0]))
+            else:                                           # the other cores are busy
+                with self._blas.limit(limits=1):
+                    loss_sum = slice_forward_backward(self.model, *part(slices[0]))
+        finally:
+            replies = [conn.recv() for conn in sent]        # always drain, even on an error
+        for i, (status, payload) in enumerate(replies):
+            if status == "error":
+                error, text = payload
+                raise type(error)(f"{error} (in data-parallel worker {self._workers[i].pid}; "
+                                  f"its traceback:\n{text})") from None
+            loss_sum += payload
+            for name, view in self._grad_views[i].items():
+                module, attr = _owner(self.model, name)
+                module._accumulate(attr, view)
+        return float(loss_sum / total)
+
+    # ---- the end -----------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers, give the model private arrays again, free the shared memory."""
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for worker in self._workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        for conn in self._conns:
+            conn.close()
+        self._workers, self._conns = [], []
+        if self._param_layout is not None:
+            _release_model(self.model, self._param_layout)
+            self._param_layout = None
+        self._param_views, self._grad_views = {}, []
+        for block in self._blocks:
+            try:
+                block.close()
+            except BufferError:        # an array still views it: the mapping lives on with it
+                pass
+            block.unlink()
+        self._blocks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_blocks", None):
+            try:
+                self.close()
+            except Exception:
+                pass
