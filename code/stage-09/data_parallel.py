@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
+import time
 import traceback
 from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
@@ -238,10 +239,37 @@ class DataParallel:
                 self._workers.append(worker)
                 self._conns.append(here)
         for conn, worker in zip(self._conns, self._workers):
-            if not conn.poll(120) or conn.recv() != "ready":
-                raise RuntimeError(f"data-parallel worker {worker.pid} did not start "
-                                   f"(exit code {worker.exitcode})")
+            self._await_ready(conn, worker)
         self._blas = ThreadpoolController().select(user_api="blas")
+
+    @staticmethod
+    def _await_ready(conn, worker, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while not conn.poll(0.05):                          # (also True once the pipe is closed)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"data-parallel worker {worker.pid} did not start in {timeout:.0f} s")
+        try:
+            if conn.recv() == "ready":
+                return
+        except EOFError:
+            pass
+        worker.join(timeout=5)
+        raise RuntimeError(
+            f"data-parallel worker {worker.pid} exited with code {worker.exitcode} before it "
+            f"started (its error is printed above). Workers are spawned: each imports your "
+            f"main script again, so code that builds a DataParallel must sit under "
+            f"`if __name__ == '__main__':`")
+
+    def _talk(self, i, message=None):
+        """Send ``message`` to worker ``i`` (``None``: receive its reply instead)."""
+        try:
+            return self._conns[i].recv() if message is None else self._conns[i].send(message)
+        except (EOFError, OSError):
+            worker = self._workers[i]
+            worker.join(timeout=1)
+            raise RuntimeError(f"data-parallel worker {worker.pid} died (exit code "
+                               f"{worker.exitcode}); close() this DataParallel and build "
+                               f"a new one") from None
 
     @property
     def worker_pids(self) -> list[int]:
@@ -268,24 +296,29 @@ class DataParallel:
             mask = None if attention_mask is None else np.asarray(attention_mask)[s]
             return inputs[s], targets[s], total, mask
 
-        sent = []
         training = bool(getattr(self.model, "training", True))
-        for conn, s in zip(self._conns, slices[1:]):        # the workers take slices 1..
-            conn.send((training, part(s)))
-            sent.append(conn)
+        sent = 0
         try:
+            for i, s in enumerate(slices[1:]):              # the workers take slices 1..
+                self._talk(i, (training, part(s)))
+                sent += 1
             if self._blas is None:
                 loss_sum = slice_forward_backward(self.model, *part(slices[0]))
             else:                                           # the other cores are busy
                 with self._blas.limit(limits=1):
                     loss_sum = slice_forward_backward(self.model, *part(slices[0]))
         finally:
-            replies = [conn.recv() for conn in sent]        # always drain, even on an error
+            replies = [self._talk(i) for i in range(sent)]  # always drain, even on an error
         for i, (status, payload) in enumerate(replies):
             if status == "error":
                 error, text = payload
-                raise type(error)(f"{error} (in data-parallel worker {self._workers[i].pid}; "
-                                  f"its traceback:\n{text})") from None
+                message = (f"{error} (in data-parallel worker {self._workers[i].pid}; "
+                           f"its traceback:\n{text})")
+                try:
+                    again = type(error)(message)            # the same type, with the worker's story
+                except Exception:
+                    again = RuntimeError(message)
+                raise again from None
             loss_sum += payload
             for name, view in self._grad_views[i].items():
                 module, attr = _owner(self.model, name)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import numpy as np
 from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
+from data_parallel import DataParallel
 from nn import cross_entropy
 from optim import AdamW, clip_grad_norm, warmup_cosine
 from tasks import EOS, MixtureSampler, Task, make_batch
@@ -43,14 +45,16 @@ def as_sampler(data, seed=0):
 
 def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every=None,
           eval_examples=None, seed=0, progress=True, grad_clip=1.0, warmup_steps=0,
-          schedule="cosine", weight_decay=0.0):
+          schedule="cosine", weight_decay=0.0, processes=1):
     """Train on ``data`` (see ``as_sampler``) for ``steps`` optimizer steps.
 
     ``optimizer`` defaults to ``AdamW(model, lr, weight_decay=...)``; pass one to
     use parameter groups (LoRA+) or SGD. ``schedule="cosine"`` scales every
     group's lr by ``warmup_cosine``; ``None`` keeps it constant. ``eval_examples``
     (a list, or a dict name -> list) is scored with ``evaluate`` every
-    ``eval_every`` steps and at the end.
+    ``eval_every`` steps and at the end. ``processes > 1`` splits every batch
+    across that many processes (``data_parallel.DataParallel``; the same gradients,
+    both cores busy; a script that uses it needs an ``if __name__ == "__main__":``).
 
     Returns ``history`` with ``steps``, ``losses``, ``grad_norms``,
     ``eval_steps``, ``eval_accuracies`` (a list, or a dict of lists when
@@ -66,34 +70,41 @@ def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every
     history = {"steps": [], "losses": [], "grad_norms": [], "eval_steps": [],
                "eval_accuracies": defaultdict(list) if named_evals else [], "seconds": 0.0}
     start = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="train", leave=False)
-    for step in bar:
-        if schedule == "cosine":
-            optimizer.set_lr_scale(warmup_cosine(step, steps, warmup_steps))
-        loss, norm = train_step(model, optimizer, sampler(batch_size), grad_clip)
-        history["steps"].append(step + 1)
-        history["losses"].append(loss)
-        history["grad_norms"].append(norm)
-        last = step + 1 == steps
-        if eval_examples is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
-            _record_eval(model, eval_examples, history, step + 1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=_short(history["eval_accuracies"]))
-        elif step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}")
+    with DataParallel(model, processes) if processes > 1 else nullcontext() as parallel:
+        bar = tqdm(range(steps), disable=not progress, desc="train", leave=False)
+        for step in bar:
+            if schedule == "cosine":
+                optimizer.set_lr_scale(warmup_cosine(step, steps, warmup_steps))
+            loss, norm = train_step(model, optimizer, sampler(batch_size), grad_clip, parallel)
+            history["steps"].append(step + 1)
+            history["losses"].append(loss)
+            history["grad_norms"].append(norm)
+            last = step + 1 == steps
+            if eval_examples is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
+                _record_eval(model, eval_examples, history, step + 1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=_short(history["eval_accuracies"]))
+            elif step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
     history["seconds"] = time.perf_counter() - start
     if named_evals:
         history["eval_accuracies"] = dict(history["eval_accuracies"])
     return history
 
 
-def train_step(model, optimizer, examples, grad_clip=None):
-    """One forward/backward/update on a batch of examples; returns ``(loss, grad_norm)``."""
+def train_step(model, optimizer, examples, grad_clip=None, parallel=None):
+    """One forward/backward/update on a batch of examples; returns ``(loss, grad_norm)``.
+
+    ``parallel``: a ``DataParallel`` over ``model`` to split the batch across processes.
+    """
     inputs, targets = make_batch(examples)                  # (B, T), (B, T)
     model.train()
     optimizer.zero_grad()
-    logits = model.forward(inputs)                          # (B, T, V)
-    loss, dlogits = cross_entropy(logits, targets)
-    model.backward(dlogits)
+    if parallel is not None:
+        loss = parallel.forward_backward(inputs, targets)   # the same, one slice per process
+    else:
+        logits = model.forward(inputs)                      # (B, T, V)
+        loss, dlogits = cross_entropy(logits, targets)
+        model.backward(dlogits)
     norm = clip_grad_norm(model, grad_clip) if grad_clip else float("nan")
     optimizer.step()
     return loss, norm

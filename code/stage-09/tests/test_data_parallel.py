@@ -1,4 +1,7 @@
 """DataParallel: slices of a batch in worker processes give exactly the single-process gradients."""
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -171,3 +174,26 @@ def test_one_process_needs_no_workers_and_bad_counts_are_refused():
         assert_same_gradients(model, ref)
     with pytest.raises(ValueError, match="processes must be >= 1, got 0"):
         DataParallel(model, processes=0)
+
+
+class Unpicklable(GPT):
+    """A model that cannot be rebuilt in a worker (as when a script lacks its main guard)."""
+
+    def __setstate__(self, state):
+        raise RuntimeError("cannot rebuild here")
+
+
+def test_a_worker_that_dies_at_start_is_reported_at_once():
+    with pytest.raises(RuntimeError, match=r"exited with code 1 before it started.*__main__"):
+        DataParallel(Unpicklable(CFG, seed=0), processes=2)
+
+
+def test_a_worker_that_dies_later_is_reported():
+    model = GPT(CFG, seed=3)
+    tokens, targets = batch(seed=11)
+    with DataParallel(model, processes=2) as dp:
+        os.kill(dp.worker_pids[0], signal.SIGKILL)
+        dp._workers[0].join(timeout=10)
+        with pytest.raises(RuntimeError, match="died .*build a new one"):
+            dp.forward_backward(tokens, targets)
+    model.forward(tokens)                                   # close() still gave arrays back

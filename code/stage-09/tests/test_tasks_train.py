@@ -198,3 +198,18 @@ def test_model_learns_copy_in_seconds():
     assert first / last > 5
     assert eval_loss(model, test) < loss_before / 5
     assert accuracy >= 0.9                                 # chance is ~10^-len
+
+
+def test_train_with_two_processes_follows_the_one_process_run():
+    """Data parallelism changes where the slices run, not the gradients: same losses."""
+    data = make_examples("copy", 64, seed=0, max_len=4)
+    runs = []
+    for processes in (1, 2):
+        model = small_gpt()
+        h = train(model, data, steps=8, lr=3e-3, batch_size=8, progress=False,
+                  processes=processes)
+        runs.append((np.array(h["losses"]), model.get_parameter("layers.0.mlp.fc1.weight")))
+    (one, w1), (two, w2) = runs
+    assert np.max(np.abs(one - two)) <= 1e-5 * np.max(one), (one, two)
+    assert np.max(np.abs(w1 - w2)) <= 1e-5 * np.max(np.abs(w1))
+    assert w2.flags.owndata                                 # the run closed its workers
