@@ -205,6 +205,7 @@ class DataParallel:
         self.model, self.processes = model, processes
         self._workers, self._conns, self._blocks = [], [], []
         self._param_layout = self._grad_layout = None
+        self._shared, self._grad_views = [], []
         self._blas = None
         if processes > 1:
             keep_freed_memory()
@@ -221,8 +222,9 @@ class DataParallel:
         self._grad_layout, grad_size = _layout(trainable)
         shared = SharedMemory(create=True, size=size)
         self._blocks.append(shared)
-        self._param_views = _views(shared.buf, self._param_layout)
-        _rebind(self.model, self._param_views, copy_values=True)
+        views = _views(shared.buf, self._param_layout)
+        _rebind(self.model, views, copy_values=True)
+        self._shared = [(*_owner(self.model, name), name, view) for name, view in views.items()]
         self._grad_views = []
         ctx = mp.get_context("spawn")                       # a clean interpreter: no inherited threads
         with environment({k: "1" for k in _THREAD_VARS}):  # the workers' BLAS: one thread each
@@ -296,6 +298,7 @@ class DataParallel:
             mask = None if attention_mask is None else np.asarray(attention_mask)[s]
             return inputs[s], targets[s], total, mask
 
+        self._check_shared()
         training = bool(getattr(self.model, "training", True))
         sent = 0
         try:
@@ -322,8 +325,25 @@ class DataParallel:
             loss_sum += payload
             for name, view in self._grad_views[i].items():
                 module, attr = _owner(self.model, name)
-                module._accumulate(attr, view)
+                module._accumulate(attr, view)                 # X_grad += the worker's
         return float(loss_sum / total)
+
+    def _check_shared(self):
+        """Every parameter must still be its shared view. An optimizer that assigns a
+        new array (``m.weight = m.weight - lr * g``) instead of updating in place
+        (``m.weight -= lr * g``) would leave the workers with the old weights: copy
+        the new value into the shared block and point the parameter there again."""
+        for module, attr, name, view in self._shared:
+            value = getattr(module, attr)
+            if value is view:
+                continue
+            value = np.asarray(value)
+            if value.shape != view.shape:
+                raise ValueError(f"parameter {name} was replaced by an array of shape "
+                                 f"{value.shape}, but the workers hold {view.shape}: after "
+                                 f"changing the model's structure, build a new DataParallel")
+            view[...] = value
+            setattr(module, attr, view)
 
     # ---- the end -----------------------------------------------------------
     def close(self) -> None:
@@ -344,7 +364,7 @@ class DataParallel:
         if self._param_layout is not None:
             _release_model(self.model, self._param_layout)
             self._param_layout = None
-        self._param_views, self._grad_views = {}, []
+        self._shared, self._grad_views = [], []
         for block in self._blocks:
             try:
                 block.close()

@@ -609,3 +609,39 @@ def test_22_forgetting_zero_grad_accumulates():
     np.testing.assert_allclose(grad_after(3, False), 3 * once, rtol=1e-12)   # the mistake
     np.testing.assert_allclose(grad_after(3, True), once, rtol=1e-12)        # the fix
     assert np.abs(once).max() > 1e-6
+
+
+# ==== 23. data-parallel training in a script without a main guard ======================
+def test_23_data_parallel_script_needs_a_main_guard(tmp_path):
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # code/stage-09
+    body = """
+import numpy as np
+from minigpt import GPT, GPTConfig
+from tasks import VOCAB_SIZE, make_examples
+from train import train
+{guard}
+    cfg = GPTConfig(vocab_size=VOCAB_SIZE, context_length=12, d_model=16, n_layers=1, n_heads=2)
+    data = make_examples("copy", 32, seed=0, max_len=4)
+    losses = [train(GPT(cfg), data, steps=2, batch_size=8, progress=False, processes=p)["losses"][-1]
+              for p in (1, 2)]
+    print("losses", *losses)
+"""
+
+    def run(guard):
+        script = tmp_path / ("guarded.py" if guard else "unguarded.py")
+        script.write_text(body.format(guard='if __name__ == "__main__":' if guard else "if True:"))
+        env = {**os.environ, "PYTHONPATH": here}
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    wrong = run(guard=False)                                # the mistake
+    assert wrong.returncode != 0
+    assert "exited with code 1 before it started" in wrong.stderr
+    assert "if __name__ == '__main__':" in wrong.stderr
+    right = run(guard=True)                                 # the fix
+    assert right.returncode == 0, right.stderr
+    one, two = (float(v) for v in right.stdout.split()[1:3])
+    assert abs(one - two) <= 1e-5 * one

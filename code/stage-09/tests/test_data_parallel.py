@@ -197,3 +197,20 @@ def test_a_worker_that_dies_later_is_reported():
         with pytest.raises(RuntimeError, match="died .*build a new one"):
             dp.forward_backward(tokens, targets)
     model.forward(tokens)                                   # close() still gave arrays back
+
+
+def test_a_parameter_replaced_instead_of_updated_in_place_still_reaches_the_workers():
+    """``m.weight = m.weight - lr * g`` rebinds: the shared copy is refreshed before the step."""
+    tokens, targets = batch(seed=12)
+    model = GPT(CFG, seed=3)
+    with DataParallel(model, processes=2) as dp:
+        fc1 = model.get_submodule("layers.1.mlp.fc1")
+        fc1.weight = fc1.weight * 1.5                       # a new array, not in shared memory
+        _, ref = single_process(model, tokens, targets)
+        model.zero_grad()
+        dp.forward_backward(tokens, targets)
+        assert_same_gradients(model, ref)
+        assert not fc1.weight.flags.owndata                 # shared again
+        fc1.weight = np.zeros((3, 3))
+        with pytest.raises(ValueError, match=r"layers.1.mlp.fc1.weight .*\(3, 3\).*\(64, 16\)"):
+            dp.forward_backward(tokens, targets)
