@@ -206,16 +206,13 @@ class QuantizedLinear(Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         x = x.astype(self.compute_dtype, copy=False)        # bnb's compute dtype
-        self.x = x                                          # (..., in)
-        y = x @ self.weight.T                               # (..., out), W dequantized now
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return Linear.forward(self, x)      # one 2-D matmul, W dequantized now; bias in place
 
     def backward(self, dout):
-        if self.wants_grad("bias"):
-            self._accumulate("bias", dout.reshape(-1, self.out_features).sum(0))  # (out,)
-        return dout @ self.weight                           # (..., in), no weight gradient
+        return Linear.backward(self, dout)  # dx = dout @ W (dequantized again), bias grad if trained
+
+    def wants_grad(self, name: str) -> bool:
+        return name != "weight" and super().wants_grad(name)   # packed: never a weight gradient
 
     def __repr__(self) -> str:
         return (f"QuantizedLinear(in_features={self.in_features}, out_features={self.out_features}, "
