@@ -71,7 +71,8 @@ class DoRALayer(LoRALayer):
 
     # ---- the hooks LoRALinear calls ----------------------------------------
     def adapt(self, x, base_out, layer):
-        """``base_out + (g - 1) (base_out - b) + g delta(x)`` with ``g = m / ||W + s B A||``."""
+        """``g * (x V^T) + b`` with ``V = W + s B A``, ``g = m / ||V||`` (= ``base_out +
+        (g - 1) (base_out - b) + g delta(x)``, computed as ``x V^T = (base_out - b) + delta``)."""
         self._layer = layer
         return self._forward(x, base_out, layer.weight, layer.bias)
 
@@ -82,9 +83,14 @@ class DoRALayer(LoRALayer):
         self.V, self.norm = self.direction(W)               # (out, in), (out,)
         self.g = self.magnitude / self.norm                 # (out,)
         delta = self.delta(x)                               # (..., out)
-        plain = base_out if b is None else base_out - b     # (..., out)  x W^T
-        self.z = plain + delta                              # (..., out)  x V^T
-        return base_out + (self.g - 1) * plain + self.g * delta
+        z = base_out + delta if b is None else base_out - b  # x W^T (a fresh array either way)
+        if b is not None:
+            z += delta                                      # x W^T + x (s B A)^T
+        self.z = z                                          # (..., out)  x V^T
+        y = z * self.g                                      # g * x V^T ...
+        if b is not None:
+            y += b                                          # ... + b
+        return y
 
     def adapt_backward(self, dout):
         """``(dL/d base_out, dx through the LoRA path)``; fills ``A/B/magnitude`` grads.
