@@ -174,13 +174,20 @@ class AdamW(Optimizer):
         t = self.steps[name]
         if group["weight_decay"]:
             param *= 1.0 - lr * group["weight_decay"]
-        s["m"] *= b1
-        s["m"] += (1.0 - b1) * grad
-        s["v"] *= b2
-        s["v"] += (1.0 - b2) * grad * grad
-        step_size = lr / (1.0 - b1**t)
-        denom = np.sqrt(s["v"] / (1.0 - b2**t)) + eps
-        param -= (step_size * s["m"] / denom).astype(param.dtype, copy=False)
+        m, v = s["m"], s["v"]
+        tmp = np.empty_like(m)                  # one scratch array: every pass is in place
+        m *= b1
+        m += np.multiply(grad, 1.0 - b1, out=tmp)           # m = b1 m + (1 - b1) g
+        v *= b2
+        np.multiply(grad, grad, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp                                            # v = b2 v + (1 - b2) g^2
+        denom = np.sqrt(v, out=tmp)
+        denom *= 1.0 / math.sqrt(1.0 - b2**t)
+        denom += eps                                        # sqrt(v / (1 - b2^t)) + eps
+        update = np.divide(m, denom, out=tmp)
+        update *= lr / (1.0 - b1**t)                        # lr * m_hat / denom
+        param -= update.astype(param.dtype, copy=False)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
