@@ -66,7 +66,7 @@ import numpy as np
 from checkpoint import load_json, load_model, load_tensors, save_json, save_tensors
 from nn import LayerNorm
 from peft_config import LoraConfig
-from peft_io import _freeze_adapter, _single_active
+from peft_io import freeze_adapter, single_active
 from peft_methods import bias_names
 from peft_model import PeftModel, get_peft_model
 from targets import matches
@@ -332,7 +332,7 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
     convention only) and prefix tuning. ``base_model_name_or_path`` goes into the
     config (where ``AutoPeftModelForCausalLM`` looks for the base).
     """
-    name = adapter_name or _single_active(peft_model)
+    name = adapter_name or single_active(peft_model)
     if name not in peft_model.adapters:
         raise ValueError(f"unknown adapter {name!r}; known adapters: {sorted(peft_model.adapters)}")
     state = peft_model.adapters[name]
@@ -429,7 +429,7 @@ def import_lora_adapter(model, directory, adapter_name="default", is_trainable=F
     for name, live in peft_model.adapter_state_dict(adapter_name).items():
         live[...] = tensors[name].astype(live.dtype)
     if not is_trainable:
-        _freeze_adapter(peft_model, adapter_name)
+        freeze_adapter(peft_model, adapter_name)
     return peft_model
 
 

@@ -27,7 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def adapter_state_dict(peft_model, adapter_name=None) -> dict:
     """``{name: array}`` of one adapter's tensors (the active one by default)."""
-    name = adapter_name or _single_active(peft_model)
+    name = adapter_name or single_active(peft_model)
     if name not in peft_model.adapters:
         raise ValueError(f"unknown adapter {name!r}; known adapters: {sorted(peft_model.adapters)}")
     from peft_model import METHODS
@@ -46,7 +46,8 @@ def adapter_state_dict(peft_model, adapter_name=None) -> dict:
     return tensors
 
 
-def _single_active(peft_model):
+def single_active(peft_model) -> str:
+    """The one active adapter's name; a ValueError when several are active."""
     if len(peft_model.active_adapters) != 1:
         raise ValueError(f"several adapters are active ({peft_model.active_adapters}); "
                          f"name the one to use with adapter_name=")
@@ -115,7 +116,7 @@ def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=
     peft_model = get_peft_model(model, config, adapter_name)
     _copy_in(peft_model.adapter_state_dict(adapter_name), tensors)
     if not is_trainable:
-        _freeze_adapter(peft_model, adapter_name)
+        freeze_adapter(peft_model, adapter_name)
     return peft_model
 
 
@@ -128,10 +129,11 @@ def load_adapter(peft_model, directory, adapter_name, is_trainable=False):
     peft_model.add_adapter(adapter_name, config)
     _copy_in(peft_model.adapter_state_dict(adapter_name), tensors)
     if not is_trainable:
-        _freeze_adapter(peft_model, adapter_name)
+        freeze_adapter(peft_model, adapter_name)
 
 
-def _freeze_adapter(peft_model, adapter_name):
+def freeze_adapter(peft_model, adapter_name) -> None:
+    """Freeze every module of one adapter (loaded for inference, as peft's is_trainable=False)."""
     state = peft_model.adapters[adapter_name]
     for module in list(state.slots.values()) + ([state.encoder] if state.encoder else []):
         module.freeze()
