@@ -8,7 +8,7 @@ Run ``python bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
   backward, AdamW -- for full fine-tuning and every method, its ratio to full
   fine-tuning's step, and the trainable state (parameters + gradients + AdamW
   moments, ``accounting.memory_report`` after a step) with its ratio to full's.
-  Under the full and LoRA rows, the same step in PyTorch eager (``bench.build_torch``)
+  Under the full and LoRA rows, the same step in PyTorch eager (``torch_reference.build_torch``)
   and in Hugging Face ``transformers`` (``OPTForCausalLM``) + ``peft``, with ours/theirs;
 * **inference**: median milliseconds of one forward pass in eval mode, unmerged
   and merged, and the ratio to the base model;
@@ -38,8 +38,7 @@ from typing import Callable
 import numpy as np
 
 from accounting import memory_report
-from bench import (CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, torch_available,
-                   training_step)
+from bench import CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, training_step
 from data_parallel import DataParallel, keep_freed_memory, usable_cores
 from hf_export import opt_config
 from minigpt import GPT
@@ -48,6 +47,7 @@ from peft_config import ALL_LINEARS
 from peft_model import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                         PromptTuningConfig, get_peft_model)
 from quantization import quantize_model
+from torch_reference import torch_available
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QV = ["q_proj", "v_proj"]
@@ -182,7 +182,7 @@ def _torch_child():
 
     Runs as ``python -E -c <this source>`` in an empty directory (``TorchSide``), so
     ``import peft`` finds Hugging Face's package, not our peft.py; our directory is
-    appended to ``sys.path`` only afterwards, for ``bench.build_torch``.
+    appended to ``sys.path`` only afterwards, for ``torch_reference.build_torch``.
     """
     import json
     import sys
@@ -200,7 +200,7 @@ def _torch_child():
     except ImportError:
         peft = transformers = None
     sys.path.append(setup["here"])
-    from bench import build_torch
+    from torch_reference import build_torch
     from data_parallel import keep_freed_memory
     keep_freed_memory()                         # as in the parent: no page faults on reuse
     from minigpt import GPTConfig
