@@ -6,7 +6,9 @@ Run ``python bench.py`` (about two minutes; ``--quick`` for a rough look,
 * the median milliseconds of one training step -- forward, cross-entropy,
   backward and the AdamW update -- with every weight trainable ("full") and with
   every weight frozen ("frozen base": gradients still flow back to the embedding
-  output, all that prompt tuning needs, and there is no optimizer work);
+  output, all that prompt tuning needs, and there is no optimizer work), and the
+  full step once more split across one process per core ("full, data-par.",
+  ``data_parallel.DataParallel``: both cores busy, the same gradients);
 * the same architecture in PyTorch eager, timed in the same process, and the ratio;
 * the matmul FLOPs of a step counted by hand, and the GFLOP/s achieved as a
   fraction of this machine's float32 matmul throughput, measured in the same run.
@@ -17,7 +19,8 @@ drifts slows both sides of a comparison alike. The last line says how busy
 other processes kept the cores: quote runs where that share is near 0%.
 
 A row is ``Row(label, build)`` with ``build(config) -> (model, optimizer)``,
-``model.forward(tokens) -> logits`` and ``model.backward(dlogits)``; an optimizer
+``model.forward(tokens) -> logits`` and ``model.backward(dlogits)`` (or a
+``DataParallel``, stepped with ``forward_backward``); an optimizer
 of ``None`` means the step has no optimizer work. A PEFT method is one more
 ``Row`` whose ``build`` wraps ``GPT(config)``: append it to ``ROWS``.
 """
