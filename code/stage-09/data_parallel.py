@@ -44,11 +44,11 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from nn import cross_entropy
 
@@ -77,6 +77,21 @@ def environment(variables: dict):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _blas_controller():
+    """threadpoolctl's handle on this process's BLAS, or ``None`` (with a warning) when the
+    package is missing: the step is then still correct, only slower, because this
+    process's BLAS threads compete with the workers for the cores."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        warnings.warn("threadpoolctl is not installed, so this process's BLAS keeps all its "
+                      "threads beside the data-parallel workers (slower, not wrong); "
+                      "`pip install threadpoolctl`, or re-run `make test` / `pip install -e .`",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return ThreadpoolController().select(user_api="blas")
 
 
 def keep_freed_memory() -> bool:
@@ -242,7 +257,7 @@ class DataParallel:
                 self._conns.append(here)
         for conn, worker in zip(self._conns, self._workers):
             self._await_ready(conn, worker)
-        self._blas = ThreadpoolController().select(user_api="blas")
+        self._blas = _blas_controller()
 
     @staticmethod
     def _await_ready(conn, worker, timeout=120.0):

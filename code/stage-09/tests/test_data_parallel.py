@@ -214,3 +214,17 @@ def test_a_parameter_replaced_instead_of_updated_in_place_still_reaches_the_work
         fc1.weight = np.zeros((3, 3))
         with pytest.raises(ValueError, match=r"layers.1.mlp.fc1.weight .*\(3, 3\).*\(64, 16\)"):
             dp.forward_backward(tokens, targets)
+
+
+def test_without_threadpoolctl_it_warns_and_still_gives_the_same_gradients(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)   # import fails: not installed
+    model = GPT(CFG, seed=3)
+    tokens, targets = batch(seed=13)
+    _, ref = single_process(model, tokens, targets)
+    with pytest.warns(RuntimeWarning, match="threadpoolctl is not installed"):
+        dp = DataParallel(model, processes=2)
+    with dp:
+        model.zero_grad()
+        dp.forward_backward(tokens, targets)
+        assert_same_gradients(model, ref)
