@@ -188,6 +188,18 @@ def expect(condition: bool, message: str) -> None:
         raise ExerciseFailure(message)
 
 
+def expect_tuple(function: str, out, fields: str) -> tuple:
+    """``out`` must be a tuple with one item per name in ``fields`` (``"grad_A, grad_B"``);
+    otherwise the message says what came back instead."""
+    n = len(fields.split(","))
+    if not (isinstance(out, tuple) and len(out) == n):
+        got = "None (a missing return?)" if out is None else type(out).__name__
+        if isinstance(out, (tuple, list)):
+            got += f" of length {len(out)}"
+        raise ExerciseFailure(f"{function} must return a tuple ({fields}), got {got}")
+    return out
+
+
 def expect_raises(exc_types, fn, message: str) -> None:
     """``fn()`` must raise one of ``exc_types`` (input validation a learner wrote)."""
     try:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_grad, expect_raises,
-                      expect_shape, expect_unchanged, randn, rng_for)
+                      expect_shape, expect_tuple, expect_unchanged, randn, rng_for)
 from registry import exercise
 
 import peft
@@ -178,8 +178,7 @@ def check_parallel_adapter(mod, t):
     G = randn(rng, 2, 3, d)
     dx_ref = wrapper.backward(G)
     out = ad.backward(G.copy())
-    expect(isinstance(out, tuple) and len(out) == 2, "backward must return a tuple "
-           "(grad_x_branch, grad_sublayer_out)")
+    expect_tuple("backward", out, "grad_x_branch, grad_sublayer_out")
     expect_close("grad_sublayer_out", out[1], G, context=" (y = sublayer_out + branch: the "
                  "gradient passes through unchanged)")
     sub = _frozen_mlp(weights)

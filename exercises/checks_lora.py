@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (ExerciseFailure, expect, expect_close, expect_equal, expect_grad,
-                      expect_raises, expect_shape, expect_unchanged, randn, rng_for)
+                      expect_raises, expect_shape, expect_tuple, expect_unchanged, randn, rng_for)
 from registry import exercise
 
 import peft
@@ -102,9 +102,7 @@ def _call_backward(mod, G, x, A, B, s):
     out = mod.lora_backward(*args, s)
     for name, before, after in zip(("grad_output", "x", "A", "B"), (G, x, A, B), args):
         expect_unchanged(name, before, after)
-    expect(isinstance(out, tuple) and len(out) == 3,
-           f"lora_backward must return a tuple (grad_A, grad_B, grad_x), got {type(out).__name__}"
-           + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    expect_tuple("lora_backward", out, "grad_A, grad_B, grad_x")
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_grad, expect_raises,
-                      expect_shape, expect_unchanged, randn, rng_for)
+                      expect_shape, expect_tuple, expect_unchanged, randn, rng_for)
 from checks_lora import branch_forward, lib_lora, scaling_factors
 from registry import exercise
 
@@ -161,8 +161,7 @@ def _dora_reference(A, B, m, alpha, detach_norm):
 
 def _dora_call(mod, G, cache, detach_norm):
     out = mod.dora_backward(G.copy(), cache, detach_norm=detach_norm)
-    expect(isinstance(out, tuple) and len(out) == 4, "dora_backward must return a tuple "
-           "(grad_m, grad_A, grad_B, grad_x)")
+    expect_tuple("dora_backward", out, "grad_m, grad_A, grad_B, grad_x")
     return out
 
 
@@ -189,8 +188,8 @@ def check_dora(mod, t):
         ref = _dora_reference(A, B, m, alpha, detach)
         y_ref = ref.forward(x, W0)
         out = mod.dora_forward(x.copy(), W0.copy(), A.copy(), B.copy(), m.copy(), s)
-        expect(isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict),
-               "dora_forward must return (y, cache) with cache a dict")
+        expect_tuple("dora_forward", out, "y, cache")
+        expect(isinstance(out[1], dict), "dora_forward's cache must be a dict")
         y, cache = out
         V = W0 + s * B @ A
         expect_close("cache['V']", cache.get("V"), V, context=" (V = W0 + scaling * B @ A)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_grad, expect_number,
-                      expect_raises, expect_shape, expect_unchanged, randn, rng_for)
+                      expect_raises, expect_shape, expect_tuple, expect_unchanged, randn, rng_for)
 from checks_lora import lib_lora
 from registry import exercise
 
@@ -178,7 +178,7 @@ def check_nf4(mod, t):
     state = nf4.quantize_nf4(W, blocksize=bs, double_quant=False)
     codes_ref = nf4.unpack_4bit(state.packed, W.size)
     out = mod.nf4_quantize(W.copy(), blocksize=bs)
-    expect(isinstance(out, tuple) and len(out) == 2, "nf4_quantize must return (codes, absmax)")
+    expect_tuple("nf4_quantize", out, "codes, absmax")
     codes, absmax = out
     expect_close("absmax", absmax, state.absmax, mistakes=[
         (np.abs(W.T).reshape(-1, bs).max(1), "blocks are consecutive values of the row-major "

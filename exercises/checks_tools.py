@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from checking import (expect, expect_close, expect_equal, expect_number, expect_raises,
-                      expect_unchanged, randn, rng_for, tiny_gpt)
+                      expect_tuple, expect_unchanged, randn, rng_for, tiny_gpt)
 from registry import exercise
 
 import accounting
@@ -225,8 +225,7 @@ def check_loraplus(mod, t):
     for ratio in (1.0, 16.0):
         with np.errstate(all="ignore"):                     # a wrong update may diverge
             out = mod.train_lora_regression(*inputs, 1.0, 0.01, ratio, 20)
-        expect(isinstance(out, tuple) and len(out) == 3, "train_lora_regression must return "
-               "(losses, A, B)")
+        expect_tuple("train_lora_regression", out, "losses, A, B")
         for name, before, after in zip(("X", "Y", "W0", "A", "B"), (X, Y, W0, A, B), inputs):
             expect_unchanged(name, before, after)
         expect_close(f"the losses with ratio {ratio:g}", np.asarray(out[0], dtype=float),

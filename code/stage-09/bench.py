@@ -309,16 +309,14 @@ def _busy_seconds():
 class OtherLoad:
     """Share of the machine's cores that *other* processes kept busy meanwhile.
 
-    Timings on a shared machine are only as good as this number is small.
-    ``with_children``: count the CPU time of our child processes that ended (and
-    were waited for) meanwhile as ours -- the data-parallel workers.
+    Timings on a shared machine are only as good as this number is small. Our own
+    child processes (data-parallel workers, a PyTorch child) count as ours once they
+    have ended and been waited for, which is why they are closed inside the block.
     """
 
-    def __init__(self, with_children=False):
-        self.with_children = with_children
-
-    def _own_cpu(self, t):
-        return t.user + t.system + (t.children_user + t.children_system if self.with_children else 0)
+    @staticmethod
+    def _own_cpu(t):
+        return t.user + t.system + t.children_user + t.children_system
 
     def __enter__(self):
         self.busy, self.own, self.wall = _busy_seconds(), os.times(), time.perf_counter()
@@ -348,12 +346,17 @@ def machine_line(with_torch) -> str:
             f"{versions}; batch {BATCH} x seq {SEQ}, float32")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv, doc, torch_help):
+    """The benchmarks' shared command line: ``--quick``, ``--no-torch``, ``--configs``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (rough numbers)")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--no-torch", action="store_true", help=torch_help)
     parser.add_argument("--configs", default="ab", help="which configs to run: a, b or ab")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__, "skip the PyTorch comparison")
     keep_freed_memory()       # for every contestant alike: no page faults on reused memory
     with_torch = not args.no_torch and torch_available()
     if with_torch:
@@ -361,7 +364,7 @@ def main(argv=None):
     print(machine_line(with_torch), flush=True)
     blocks = {"a": (2, 5) if args.quick else (5, 10), "b": (2, 2) if args.quick else (4, 4)}
     results = []
-    with OtherLoad(with_children=True) as load:
+    with OtherLoad() as load:
         peak = matmul_gflops()
         for key in args.configs:
             name, config = CONFIGS[key]

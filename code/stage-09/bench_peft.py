@@ -24,7 +24,6 @@ Threads: 2 per side, fewer under ``taskset`` (set OPENBLAS_NUM_THREADS to match)
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -38,7 +37,8 @@ from typing import Callable
 import numpy as np
 
 from accounting import memory_report
-from bench import CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, training_step
+from bench import (CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, parse_args,
+                   training_step)
 from data_parallel import DataParallel, keep_freed_memory, usable_cores
 from hf_export import opt_config
 from minigpt import GPT
@@ -386,7 +386,7 @@ def run_config(config, schedules, with_torch):
     and data-parallel workers count as ours), or None where /proc/stat is absent.
     """
     versions = {}
-    with OtherLoad(with_children=True) as load:            # children are waited for inside
+    with OtherLoad() as load:                               # children are waited for inside
         torch_side = TorchSide(config, *make_batch(config)) if with_torch else None
         try:
             train = bench_training(config, schedules[0], torch_side)
@@ -399,11 +399,7 @@ def run_config(config, schedules, with_torch):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (rough numbers)")
-    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch and Hugging Face")
-    parser.add_argument("--configs", default="ab", help="which configs to run: a, b or ab")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__, "skip PyTorch and Hugging Face")
     keep_freed_memory()                         # here and in the PyTorch child alike
     with_torch = not args.no_torch and torch_available()
     blas = os.environ.get("OPENBLAS_NUM_THREADS")

@@ -31,6 +31,7 @@ import numpy as np
 import safetensors.numpy
 
 from minigpt import GPT, GPTConfig
+from nn import parameter_owner
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -170,8 +171,8 @@ def copy_into(model, tensors: dict, source="tensors") -> None:
     """
     validate_tensors(tensors, expected_shapes(model), source=source, allow_missing=True)
     for name, value in tensors.items():
-        path, _, attr = name.rpartition(".")
-        getattr(model.get_submodule(path), attr)[...] = value
+        module, attr = parameter_owner(model, name)
+        getattr(module, attr)[...] = value
 
 
 def save_model(model, directory) -> None:

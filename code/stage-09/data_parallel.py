@@ -50,7 +50,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from nn import cross_entropy
+from nn import cross_entropy, parameter_owner
 
 _ALIGN = 64                      # bytes: each array starts on its own cache line
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -130,18 +130,28 @@ def _views(buffer, layout):
             for name, shape, dtype, offset in layout}
 
 
-def _owner(model, name):
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
-
-
-def _rebind(model, views, copy_values):
-    """Make each parameter of ``model`` the view of the same name (copying its value first)."""
+def _bind(model, views, copy_values):
+    """Make each parameter of ``model`` the view of the same name (copying its value in
+    first when ``copy_values``); returns ``[(module, attr, name, view)]``, looked up once."""
+    bound = []
     for name, view in views.items():
-        module, attr = _owner(model, name)
+        module, attr = parameter_owner(model, name)
         if copy_values:
             view[...] = getattr(module, attr)
         setattr(module, attr, view)
+        bound.append((module, attr, name, view))
+    return bound
+
+
+def _grad_slots(model, views):
+    """``[(module, attr, view)]``: where each shared gradient view belongs in ``model``."""
+    return [(*parameter_owner(model, name), view) for name, view in views.items()]
+
+
+def _release(bound):
+    """Give the bound parameters private copies (so the shared block can close)."""
+    for module, attr, *_ in bound:
+        setattr(module, attr, np.array(getattr(module, attr)))
 
 
 # ---- one slice of a batch ------------------------------------------------------
@@ -171,10 +181,10 @@ def _worker(conn, model, param_name, param_layout, grad_name, grad_layout):
     # (a spawned worker shares its parent's resource tracker, which already knows
     # these blocks: attaching registers nothing new, and the parent unlinks them)
     params, grads = SharedMemory(name=param_name), SharedMemory(name=grad_name)
-    grad_views = {}
+    bound, slots = [], []
     try:
-        _rebind(model, _views(params.buf, param_layout), copy_values=False)
-        grad_views = _views(grads.buf, grad_layout)
+        bound = _bind(model, _views(params.buf, param_layout), copy_values=False)
+        slots = _grad_slots(model, _views(grads.buf, grad_layout))
         conn.send("ready")
         while True:
             message = conn.recv()
@@ -185,25 +195,17 @@ def _worker(conn, model, param_name, param_layout, grad_name, grad_layout):
                 model.train(training)
                 model.zero_grad()
                 loss_sum = slice_forward_backward(model, inputs, targets, total, attention_mask)
-                for name, view in grad_views.items():
-                    module, attr = _owner(model, name)
+                for module, attr, view in slots:
                     grad = getattr(module, attr + "_grad", None)
                     view[...] = 0 if grad is None else grad
                 conn.send(("ok", loss_sum))
             except Exception as error:                      # report, keep serving
                 conn.send(("error", (error, traceback.format_exc())))
     finally:
-        del grad_views
-        _release_model(model, param_layout)
+        _release(bound)
+        bound = slots = None                                # no view may outlive its block
         params.close()
         grads.close()
-
-
-def _release_model(model, layout):
-    """Give ``model`` private copies of its parameters (so the shared block can close)."""
-    for name, *_ in layout:
-        module, attr = _owner(model, name)
-        setattr(module, attr, np.array(getattr(module, attr)))
 
 
 class DataParallel:
@@ -211,6 +213,7 @@ class DataParallel:
 
     ``processes`` defaults to the usable cores. With one process (or a batch of one
     sequence) everything runs here, in this process, as a plain training step would.
+    With workers it also calls ``keep_freed_memory()`` here and in each of them.
     """
 
     def __init__(self, model, processes: int | None = None):
@@ -219,8 +222,7 @@ class DataParallel:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.model, self.processes = model, processes
         self._workers, self._conns, self._blocks = [], [], []
-        self._param_layout = self._grad_layout = None
-        self._shared, self._grad_views = [], []
+        self._shared, self._grad_slots = [], []     # [(module, attr, name, view)], per worker
         self._blas = None
         if processes > 1:
             keep_freed_memory()
@@ -231,26 +233,21 @@ class DataParallel:
                 raise
 
     def _start(self, n_workers):
-        params = list(self.model.named_parameters())
-        trainable = list(self.model.named_parameters(trainable_only=True))
-        self._param_layout, size = _layout(params)
-        self._grad_layout, grad_size = _layout(trainable)
+        param_layout, size = _layout(self.model.named_parameters())
+        grad_layout, grad_size = _layout(self.model.named_parameters(trainable_only=True))
         shared = SharedMemory(create=True, size=size)
         self._blocks.append(shared)
-        views = _views(shared.buf, self._param_layout)
-        _rebind(self.model, views, copy_values=True)
-        self._shared = [(*_owner(self.model, name), name, view) for name, view in views.items()]
-        self._grad_views = []
+        self._shared = _bind(self.model, _views(shared.buf, param_layout), copy_values=True)
         ctx = mp.get_context("spawn")                       # a clean interpreter: no inherited threads
         with environment({k: "1" for k in _THREAD_VARS}):  # the workers' BLAS: one thread each
             for _ in range(n_workers):
                 grads = SharedMemory(create=True, size=grad_size)
                 self._blocks.append(grads)
-                self._grad_views.append(_views(grads.buf, self._grad_layout))
+                self._grad_slots.append(_grad_slots(self.model, _views(grads.buf, grad_layout)))
                 here, there = ctx.Pipe()
                 worker = ctx.Process(target=_worker, daemon=True,
-                                     args=(there, self.model, shared.name, self._param_layout,
-                                           grads.name, self._grad_layout))
+                                     args=(there, self.model, shared.name, param_layout,
+                                           grads.name, grad_layout))
                 worker.start()
                 there.close()
                 self._workers.append(worker)
@@ -303,9 +300,7 @@ class DataParallel:
             raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must share "
                              f"the batch axis (axis 0)")
         total = max(_count(targets), 1)
-        pieces = min(self.processes, len(inputs))
-        if not self._workers:
-            pieces = 1
+        pieces = min(len(self._workers) + 1, len(inputs))   # this process + its workers
         bounds = np.linspace(0, len(inputs), pieces + 1).round().astype(int)
         slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -338,9 +333,8 @@ class DataParallel:
                     again = RuntimeError(message)
                 raise again from None
             loss_sum += payload
-            for name, view in self._grad_views[i].items():
-                module, attr = _owner(self.model, name)
-                module._accumulate(attr, view)                 # X_grad += the worker's
+            for module, attr, view in self._grad_slots[i]:
+                module._accumulate(attr, view)              # X_grad += the worker's
         return float(loss_sum / total)
 
     def _check_shared(self):
@@ -376,10 +370,8 @@ class DataParallel:
         for conn in self._conns:
             conn.close()
         self._workers, self._conns = [], []
-        if self._param_layout is not None:
-            _release_model(self.model, self._param_layout)
-            self._param_layout = None
-        self._shared, self._grad_views = [], []
+        _release(self._shared)
+        self._shared, self._grad_slots = [], []
         for block in self._blocks:
             try:
                 block.close()

@@ -72,16 +72,15 @@ class Module:
         return module
 
     def get_parameter(self, name: str) -> np.ndarray:
-        path, _, attr = name.rpartition(".")
-        module = self.get_submodule(path)
+        module, attr = parameter_owner(self, name)
         if attr not in module.param_names:
-            raise AttributeError(f"{path or 'model'} has no parameter {attr!r}; "
+            raise AttributeError(f"{name.rpartition('.')[0] or 'model'} has no parameter {attr!r}; "
                                  f"it has {list(module.param_names)}")
         return getattr(module, attr)
 
     def get_grad(self, name: str):
-        path, _, attr = name.rpartition(".")
-        return getattr(self.get_submodule(path), attr + "_grad", None)
+        module, attr = parameter_owner(self, name)
+        return getattr(module, attr + "_grad", None)
 
     # ---- trainable flags -------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -176,6 +175,17 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._items)
+
+
+def parameter_owner(model, name: str) -> tuple[Module, str]:
+    """``(module, attr)`` holding the parameter ``name``: ``"layers.0.mlp.fc1.weight"`` ->
+    the ``fc1`` module and ``"weight"``; its gradient is ``attr + "_grad"`` there.
+
+    Needs only ``model.get_submodule``, so it works on any object that speaks the
+    protocol (a ``PeftModel``, a wrapper), not just on a ``Module``.
+    """
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr
 
 
 def set_submodule(root: Module, path: str, module: Module) -> None:

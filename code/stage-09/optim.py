@@ -3,9 +3,9 @@
 Why names and not array references: parameters are plain ``np.ndarray``
 attributes, and a PEFT wrapper (or a learner: ``lora.B = ...``) may replace an
 array with a new one. The optimizer therefore looks every parameter up again at
-each ``step`` -- ``path, attr = name.rpartition('.')``, the array is
-``getattr(model.get_submodule(path), attr)`` and its gradient ``attr + "_grad"`` --
-and updates it in place.
+each ``step`` -- ``module, attr = nn.parameter_owner(model, name)``, the array is
+``getattr(module, attr)`` and its gradient ``attr + "_grad"`` -- and updates it
+in place.
 
 Only trainable parameters get optimizer state. That is the memory PEFT saves
 besides gradients: AdamW keeps two extra arrays (``m``, ``v``) per trained
@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from nn import parameter_owner
+
 
 class Optimizer:
     """Parameter-group bookkeeping shared by ``SGD`` and ``AdamW``."""
@@ -35,7 +37,7 @@ class Optimizer:
         self.state: dict[str, dict[str, np.ndarray]] = {}
         for group in self.param_groups:
             for name in group["names"]:
-                self.state[name] = self._init_state(self._param(name))
+                self.state[name] = self._init_state(getattr(*parameter_owner(model, name)))
 
     def _build_groups(self, param_groups, trainable):
         every, allowed = {n for n, _ in self.model.named_parameters()}, set(trainable)
@@ -71,15 +73,6 @@ class Optimizer:
             raise ValueError(f"{name!r} is in param groups {seen[name]} and {i}; "
                              f"each parameter belongs to exactly one group")
 
-    # ---- name resolution -------------------------------------------------
-    def _locate(self, name):
-        path, _, attr = name.rpartition(".")
-        return self.model.get_submodule(path), attr
-
-    def _param(self, name):
-        module, attr = self._locate(name)
-        return getattr(module, attr)
-
     # ---- public API ------------------------------------------------------
     def zero_grad(self) -> None:
         self.model.zero_grad()
@@ -88,7 +81,7 @@ class Optimizer:
         """Update every parameter that has a gradient, in place."""
         for group in self.param_groups:
             for name in group["names"]:
-                module, attr = self._locate(name)
+                module, attr = parameter_owner(self.model, name)
                 param, grad = getattr(module, attr), getattr(module, attr + "_grad", None)
                 if grad is None:
                     continue
@@ -187,7 +180,7 @@ class AdamW(Optimizer):
         denom += eps                                        # sqrt(v / (1 - b2^t)) + eps
         update = np.divide(m, denom, out=tmp)
         update *= lr / (1.0 - b1**t)                        # lr * m_hat / denom
-        param -= update.astype(param.dtype, copy=False)
+        param -= update                                     # (m, v and tmp share param's dtype)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
@@ -200,8 +193,8 @@ def clip_grad_norm(model, max_norm: float) -> float:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = []
     for name, _ in model.named_parameters(trainable_only=True):
-        path, _, attr = name.rpartition(".")
-        g = getattr(model.get_submodule(path), attr + "_grad", None)
+        module, attr = parameter_owner(model, name)
+        g = getattr(module, attr + "_grad", None)
         if g is not None:
             grads.append(g)
     total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nn import Module, set_submodule
+from nn import Module, parameter_owner, set_submodule
 from peft_config import PeftConfig, PromptTuningConfig  # noqa: F401 (re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
                          LoraConfig, PrefixTuningConfig)
@@ -244,8 +244,8 @@ class PeftModel(Module):
             if state.encoder is not None:
                 state.encoder.train(self.training)
             for pname in state.trainable:
-                path, _, attr = pname.rpartition(".")
-                self.base_model.get_submodule(path).requires_grad_(True, [attr])
+                module, attr = parameter_owner(self.base_model, pname)
+                module.requires_grad_(True, [attr])
         self.active_adapters = list(names)
 
     def delete_adapter(self, adapter_name):

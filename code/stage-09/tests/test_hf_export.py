@@ -296,13 +296,19 @@ def test_import_refuses_unknown_tensors(tmp_path):
         H.import_lora_adapter(scaled_base(), tmp_path)
 
 
-def test_cli_writes_base_and_adapter(tmp_path):
+def run_cli(tmp_path, peft_config):
+    """Save a base and one adapter of ours, then run ``hf_export.py`` on them."""
     base = scaled_base()
     save_model(base, tmp_path / "ckpt")
-    get_peft_model(base, LoraConfig(r=2)).save_pretrained(tmp_path / "ours")
-    run = subprocess.run([sys.executable, os.path.join(STAGE, "hf_export.py"), "--base",
-                          str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--adapter",
-                          str(tmp_path / "ours")], cwd=STAGE, capture_output=True, text=True, timeout=120)
+    get_peft_model(base, peft_config).save_pretrained(tmp_path / "ours")
+    return subprocess.run([sys.executable, os.path.join(STAGE, "hf_export.py"), "--base",
+                           str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--adapter",
+                           str(tmp_path / "ours")], cwd=STAGE, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_writes_base_and_adapter(tmp_path):
+    run = run_cli(tmp_path, LoraConfig(r=2))
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(tmp_path / "hf")) == ["adapter", "config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "hf" / "adapter" / "adapter_config.json").read_text())
@@ -310,12 +316,7 @@ def test_cli_writes_base_and_adapter(tmp_path):
 
 
 def test_cli_refuses_what_peft_cannot_express(tmp_path):
-    base = scaled_base()
-    save_model(base, tmp_path / "ckpt")
-    get_peft_model(base, PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path / "ours")
-    run = subprocess.run([sys.executable, os.path.join(STAGE, "hf_export.py"), "--base",
-                          str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--adapter",
-                          str(tmp_path / "ours")], cwd=STAGE, capture_output=True, text=True, timeout=120)
+    run = run_cli(tmp_path, PromptTuningConfig(num_virtual_tokens=2))
     assert run.returncode == 2 and "error:" in run.stderr and "shift" in run.stderr, run.stderr
     assert not (tmp_path / "hf" / "adapter").exists()
 
