@@ -30,7 +30,9 @@ def as_sampler(data, seed=0):
 
     ``data`` may be a task (name or ``Task``), a list of tasks (a uniform mixture
     of fresh examples), a fixed list of ``(prompt, answer)`` examples (minibatches
-    drawn with replacement: the small-dataset fine-tuning case), or already a callable.
+    drawn with replacement: the small-dataset fine-tuning case), or already a callable
+    (returning a list of examples, or a ready ``(inputs, targets)`` tuple such as
+    ``text.WindowSampler`` gives).
     """
     if callable(data) and not isinstance(data, Task):
         return data
@@ -96,7 +98,10 @@ def train_step(model, optimizer, examples, grad_clip=None, parallel=None):
 
     ``parallel``: a ``DataParallel`` over ``model`` to split the batch across processes.
     """
-    inputs, targets = make_batch(examples)                  # (B, T), (B, T)
+    if isinstance(examples, tuple):                         # already (inputs, targets): text windows
+        inputs, targets = examples
+    else:
+        inputs, targets = make_batch(examples)              # (B, T), (B, T)
     model.train()
     optimizer.zero_grad()
     if parallel is not None:
