@@ -1,0 +1,47 @@
+"""The text base's pretraining script: resumable, and the shipped base is what its report says."""
+import os
+
+import numpy as np
+import pytest
+
+from minigpt import GPTConfig
+from pretrain_text import PRETRAINED_TEXT_DIR, evaluate_split, load_text_base, pretrain_text
+from text import corpus_splits
+
+TINY = GPTConfig(vocab_size=256, context_length=16, d_model=16, n_layers=1, n_heads=2)
+FAST = dict(batch_size=4, eval_windows=8, progress_windows=8, eval_every=3, checkpoint_every=2,
+            warmup_steps=1)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    straight, _ = pretrain_text(TINY, out=None, checkpoint_dir=None, progress=False, steps=6,
+                                processes=1, **FAST)
+    pretrain_text(TINY, out=None, checkpoint_dir=tmp_path, progress=False, steps=6, processes=1,
+                  stop_after=3, **FAST)
+    resumed, report = pretrain_text(TINY, out=tmp_path / "base", checkpoint_dir=tmp_path,
+                                    progress=False, steps=6, processes=1, **FAST)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert np.array_equal(a, b), name
+    assert len(report["curve"]["train_loss_per_step"]) == 6
+    model, tokenizer, saved = load_text_base(tmp_path / "base")
+    assert saved["validation"] == report["validation"] and tokenizer.vocab_size == 256
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    pretrain_text(TINY, out=None, checkpoint_dir=tmp_path, progress=False, steps=4, processes=1,
+                  stop_after=2, **FAST)
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain_text(TINY, out=None, checkpoint_dir=tmp_path, progress=False, steps=4,
+                      processes=1, **{**FAST, "lr": 1e-3})
+
+
+@pytest.mark.skipif(not os.path.isdir(PRETRAINED_TEXT_DIR), reason="no shipped text base yet")
+def test_shipped_base_validation_loss_equals_its_report():
+    model, tokenizer, report = load_text_base()
+    val = evaluate_split(model, corpus_splits("shakespeare")["validation"],
+                         report["eval_windows"], report["eval_seed"])
+    assert val["loss"] == pytest.approx(report["validation"]["loss"], rel=1e-6)
+    assert report["validation"]["loss"] <= 1.55
+    size = sum(os.path.getsize(os.path.join(PRETRAINED_TEXT_DIR, f))
+               for f in os.listdir(PRETRAINED_TEXT_DIR))
+    assert size <= 5 * 2**20
