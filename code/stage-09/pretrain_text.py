@@ -45,7 +45,7 @@ REPORT_NAME = "pretrain_report.json"
 TEXT_BASE_CONFIG = GPTConfig(vocab_size=ByteTokenizer.vocab_size, context_length=128,
                              d_model=128, n_layers=5, n_heads=4)
 PRETRAIN = {              # the one table: pretraining and its evaluation
-    "steps": 4000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "min_lr_scale": 0.1,
+    "steps": 3000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "min_lr_scale": 0.1,
     "weight_decay": 0.1, "grad_clip": 1.0, "seed": 0, "processes": 2,
     "eval_every": 250, "checkpoint_every": 250,
     "eval_windows": 512, "eval_seed": 1234,      # the fixed validation (and test) sample
