@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]          # Hugging Face's default for OPT
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 CONFIG_TYPES: dict[str, type] = {}
@@ -83,6 +85,8 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     init_lora_weights: object = True
     layers_to_transform: object = None
+    # Hugging Face's trainable_token_indices: embedding rows that train too (trainable_tokens.py)
+    trainable_token_indices: object = None
 
     def validate(self):
         _positive_int("LoraConfig", "r", self.r)
@@ -97,6 +101,20 @@ class LoraConfig(PeftConfig):
             self.target_modules = list(DEFAULT_LORA_TARGETS)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        self._validate_trainable_tokens()
+
+    def _validate_trainable_tokens(self):
+        t = self.trainable_token_indices
+        if t is None:
+            return
+        lists = t.values() if isinstance(t, dict) else [t]
+        for v in lists:
+            if (isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) == 0
+                    or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in v)):
+                raise ValueError(f"LoraConfig.trainable_token_indices must be a non-empty list of "
+                                 f"ints (or a dict of them per embedding), got {t!r}")
+        self.trainable_token_indices = ({k: [int(i) for i in v] for k, v in t.items()}
+                                        if isinstance(t, dict) else [int(i) for i in t])
 
 
 @dataclass

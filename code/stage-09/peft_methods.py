@@ -19,6 +19,7 @@ from peft_config import (BitFitConfig, FullFineTuningConfig, LoraConfig, PrefixT
                          PromptTuningConfig)
 from peft_model import AdapterState, Method, register, wrap_or_reuse
 from targets import find_targets
+from trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_targets
 
 
 def linear_types():
@@ -60,6 +61,8 @@ class LoraMethod(Method):
             wrapper = wrap_or_reuse(model, path, LoRALinear,
                                     lambda base: LoRALinear(base, lora_rank=config.r, rng=rng))
             state.slots[path] = make_lora_layer(wrapper, config, rng)
+        if config.trainable_token_indices:
+            inject_trainable_tokens(model, config.trainable_token_indices, state)
         if config.bias == "all":
             state.trainable = bias_names(model)
         elif config.bias == "lora_only":
@@ -68,12 +71,21 @@ class LoraMethod(Method):
         return state
 
     def merge_and_unload_module(self, wrapper):
+        if isinstance(wrapper, TrainableTokensWrapper):
+            return wrapper.merge_and_unload()
         merged = Linear(wrapper.in_features, wrapper.out_features, bias=wrapper.bias is not None,
                         dtype=wrapper.lora.A.dtype)
         weight = wrapper.weight if wrapper.merged else wrapper.lora.merge_weights(wrapper.weight)
         merged.weight = np.array(weight, dtype=wrapper.lora.A.dtype)
         merged.bias = None if wrapper.bias is None else np.array(wrapper.bias)
         return merged
+
+
+def inject_trainable_tokens(model, trainable_token_indices, state):
+    """LoRA's ``trainable_token_indices``: listed embedding rows train (trainable_tokens.py)."""
+    for path, indices in token_targets(trainable_token_indices).items():
+        wrapper = wrap_or_reuse(model, path, TrainableTokensWrapper, TrainableTokensWrapper)
+        state.slots[path] = TrainableTokensLayer(indices, wrapper.base_layer.weight)
 
 
 def make_lora_layer(wrapper, config: LoraConfig, rng):
