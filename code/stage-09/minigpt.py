@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from generate import generate
 from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 
 
@@ -329,25 +330,13 @@ class GPT(Module):
         return dx
 
     # ---- generation ------------------------------------------------------
-    def generate(self, tokens, max_new_tokens, eos_id=None, forward=None):
-        """Greedy decoding. Returns only the new tokens ``(B, <= max_new_tokens)``.
+    def generate(self, tokens, max_new_tokens, eos_id=None, forward=None, **sampling):
+        """Greedy decoding (``sampling``: ``temperature``, ``top_k``, ``seed``, ``use_cache``,
+        see ``generate.generate``). Returns only the new tokens ``(B, <= max_new_tokens)``.
 
-        ``forward`` lets a PEFT wrapper decode through itself. Sequences that
-        reached ``eos_id`` keep emitting it.
+        ``forward`` lets a wrapper decode through itself (then without the cache).
+        Sequences that reached ``eos_id`` keep emitting it.
         """
-        forward = forward or self.forward
         seq = np.asarray(tokens)
         self.check_tokens(seq[:, -self.config.context_length:] if seq.ndim == 2 else seq)
-        done = np.zeros(seq.shape[0], dtype=bool)
-        out = []
-        for _ in range(max_new_tokens):
-            logits = forward(seq[:, -self.config.context_length:])
-            nxt = logits[:, -1].argmax(-1)
-            if eos_id is not None:
-                nxt = np.where(done, eos_id, nxt)
-                done |= nxt == eos_id
-            out.append(nxt)
-            seq = np.concatenate([seq, nxt[:, None]], axis=1)
-            if eos_id is not None and done.all():
-                break
-        return np.stack(out, axis=1) if out else np.zeros((seq.shape[0], 0), dtype=int)
+        return generate(self, seq, max_new_tokens, eos_id=eos_id, forward=forward, **sampling)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from generate import generate
 from nn import Module, parameter_owner, set_submodule
 from peft_config import PeftConfig, PromptTuningConfig  # noqa: F401 (re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
@@ -180,14 +181,10 @@ class PeftModel(Module):
         base.backward_embed(dx)
         return dx
 
-    def generate(self, tokens, max_new_tokens, eos_id=None):
-        limit = self.base_model.config.context_length - self._virtual_tokens()
-        return self.base_model.generate(tokens, max_new_tokens, eos_id,
-                                        forward=lambda t: self.forward(t[:, -limit:]))
-
-    def _virtual_tokens(self):
-        prompt = self._encoder("prompt_encoder")
-        return prompt.prompt_length if prompt is not None else 0
+    def generate(self, tokens, max_new_tokens, eos_id=None, **sampling):
+        """Greedy (or sampled) continuation through the adapters, with a key/value
+        cache; the window fits the method's virtual tokens (``generate.generate``)."""
+        return generate(self, tokens, max_new_tokens, eos_id=eos_id, **sampling)
 
     # ---- adapters: add, switch, delete --------------------------------------
     def wrappers(self):
