@@ -1,0 +1,345 @@
+"""The real-text comparison: adapt the Shakespeare base to *Alice* with every method.
+
+    python code/stage-09/compare_text.py              # the main job's part (make run)
+    python code/stage-09/compare_text.py --quick      # <= 2 min, writes results/text_quick/
+    python code/stage-09/compare_text.py --lr-sweep   # the learning-rate choice (validation)
+
+Every run starts from the shipped character-level base (``pretrained_text/``,
+trained on Shakespeare only) and trains on *Alice*'s training split. Measured:
+
+* **learning**: *Alice*'s validation and test loss (nats per character);
+* **forgetting**: the rise of Shakespeare's loss with the adapter active;
+* **disabled**: Shakespeare's loss with the adapter switched off -- exactly the
+  base's for every method that leaves the base's weights alone (all but full
+  fine-tuning and BitFit, which train the base's own numbers);
+* trainable parameters, trainable-state bytes (weights + gradients + AdamW
+  moments), the saved adapter's size and the time per step.
+
+Also: a LoRA rank sweep (q,v and every linear), the same training on 1% and 10% of
+*Alice*'s training text, and the authorship task of ``text_classify.py``. Every
+number a notebook or the README shows comes from this file's ``SETTINGS`` and
+``METHODS`` (imported, never retyped) and from the files it writes.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")     # small matmuls; runs go in parallel
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from accounting import memory_report  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from optim import AdamW  # noqa: E402
+from peft_config import ALL_LINEARS  # noqa: E402
+from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: E402
+                        LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model)
+from pretrain_text import PRETRAINED_TEXT_DIR as TEXT_BASE_DIR  # noqa: E402
+from nn import cross_entropy  # noqa: E402
+from text import WindowSampler, corpus_splits, fixed_windows, lm_loss, windows_at  # noqa: E402
+from text_classify import train_and_score  # noqa: E402
+from train import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+RESULTS_DIR = os.path.join(ROOT, "results", "text")
+QUICK_DIR = os.path.join(ROOT, "results", "text_quick")      # gitignored: --quick writes here
+QV = ["q_proj", "v_proj"]
+VIRTUAL_TOKENS = 10   # prompt / prefix length: windows leave them room in the context
+
+
+@dataclass(frozen=True)
+class TextMethod:
+    make_config: object          # (rank) -> PeftConfig
+    lr: float                    # chosen by --lr-sweep on the validation splits
+    lr_grid: tuple               # the rates --lr-sweep tries
+    quantize: bool = False       # QLoRA: NF4 base first
+    why: str = ""
+
+
+def _lora(targets, **kw):
+    return lambda r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def new_token_ids() -> tuple:
+    """Byte ids in Alice's training text that Shakespeare's training text never has."""
+    seen = set(np.unique(corpus_splits("shakespeare")["train"]).tolist())
+    return tuple(sorted(set(np.unique(corpus_splits("alice")["train"]).tolist()) - seen))
+
+
+def _lora_new_tokens(r=8):
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(ALL_LINEARS),
+                      trainable_token_indices=list(new_token_ids()))
+
+
+def _bottleneck(placement):
+    return lambda r=None: BottleneckConfig(bottleneck_size=16, placement=placement)
+
+
+def _prefix(mlp):
+    return lambda r=None: PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=mlp,
+                                             encoder_hidden_size=64 if mlp else None)
+
+
+# The ONE table (with SETTINGS below) that the runner, the notebooks and the README use.
+# Rates: the best validation loss on Alice of the grid, seed 0 (results/text/lr_sweep/).
+METHODS = {
+    "full": TextMethod(lambda r=None: FullFineTuningConfig(), 1e-3, (3e-4, 1e-3, 3e-3),
+                       why="every weight"),
+    "lora_qv": TextMethod(_lora(QV), 1e-2, (3e-3, 1e-2, 3e-2), why="LoRA r=8 on q_proj, v_proj"),
+    "lora_all": TextMethod(_lora(ALL_LINEARS), 3e-3, (1e-3, 3e-3, 1e-2), why="LoRA r=8 on every linear"),
+    "dora": TextMethod(_lora(ALL_LINEARS, use_dora=True), 3e-3, (1e-3, 3e-3, 1e-2),
+                       why="DoRA r=8 on every linear"),
+    "qlora": TextMethod(_lora(ALL_LINEARS), 3e-3, (1e-3, 3e-3, 1e-2), quantize=True,
+                        why="LoRA r=8 on every linear over an NF4 base"),
+    "lora_tokens": TextMethod(_lora_new_tokens, 3e-3, (1e-3, 3e-3, 1e-2),
+                              why="LoRA r=8 on every linear + the embedding rows of Alice's new "
+                                  "characters (trainable_token_indices)"),
+    "ia3": TextMethod(lambda r=None: IA3Config(), 3e-2, (1e-2, 3e-2, 1e-1),
+                      why="(IA)3 vectors on k, v and the fc2 input"),
+    "houlsby": TextMethod(_bottleneck("houlsby"), 3e-3, (1e-3, 3e-3, 1e-2),
+                          why="serial adapters after attention and MLP, bottleneck 16"),
+    "parallel": TextMethod(_bottleneck("parallel"), 3e-3, (1e-3, 3e-3, 1e-2),
+                           why="parallel adapters, bottleneck 16"),
+    "prefix": TextMethod(_prefix(False), 3e-2, (1e-2, 3e-2, 1e-1),
+                         why=f"{VIRTUAL_TOKENS} virtual tokens, the key/value table trained directly"),
+    "prefix_mlp": TextMethod(_prefix(True), 1e-2, (3e-3, 1e-2, 3e-2),
+                             why=f"{VIRTUAL_TOKENS} virtual tokens through a 64-unit MLP"),
+    "prompt": TextMethod(lambda r=None: PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
+                                                           prompt_tuning_init="SAMPLE_VOCAB"),
+                         1e-1, (3e-2, 1e-1, 3e-1), why=f"{VIRTUAL_TOKENS} soft input tokens"),
+    "bitfit": TextMethod(lambda r=None: BitFitConfig(), 1e-2, (3e-3, 1e-2, 3e-2), why="biases only"),
+}
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    steps: int = 120                 # optimizer steps per run (batch x window tokens each)
+    batch_size: int = 16
+    window: int = 64                 # tokens per training / evaluation window (<= context - 10)
+    seeds: tuple = (0, 1, 2)
+    ranks: tuple = (1, 4, 8, 16, 64)             # rank sweep; r=8 is the headline run
+    rank_methods: tuple = ("lora_qv", "lora_all")
+    rank_seeds: tuple = (0, 1)
+    fractions: tuple = (0.01, 0.1)               # of Alice's training split (1.0 is the headline)
+    fraction_methods: tuple = ("full", "lora_all", "ia3")
+    fraction_seeds: tuple = (0, 1)
+    eval_windows: int = 128                      # fixed windows per split for every loss
+    classify_steps: int = 60
+    classify_seeds: tuple = (0,)
+    classify_train: int = 400                    # snippets per author to train on
+    classify_test: int = 100                     # held-out snippets per author
+    workers: int = 2
+
+
+SETTINGS = TextSettings()
+QUICK = replace(SETTINGS, steps=10, batch_size=8, window=32, seeds=(0,), ranks=(1, 8),
+                rank_methods=("lora_all",), rank_seeds=(0,), fractions=(0.1,),
+                fraction_methods=("lora_all",), fraction_seeds=(0,), eval_windows=8,
+                classify_steps=8, classify_train=20, classify_test=10)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    seed: int
+    steps: int
+    batch_size: int
+    eval_windows: int
+    lr: float
+    window: int = 64
+    rank: int = 8
+    fraction: float = 1.0
+    kind: str = "adapt"              # "adapt" (Alice LM) or "classify" (text_classify.py)
+    base_dir: str = TEXT_BASE_DIR
+    split: str = "test"              # where results are reported; the sweep uses "validation"
+    n_train: int = 0                 # classify: snippets per author
+    n_test: int = 0
+
+
+def window_length(config, window=None) -> int:
+    """Tokens per window: ``window``, at most the context minus room for prompt tuning's
+    virtual tokens (the same windows for every method, so their losses compare)."""
+    longest = config.context_length - VIRTUAL_TOKENS
+    return longest if window is None else min(window, longest)
+
+
+def build(method: str, base_dir=TEXT_BASE_DIR, rank=8, seed=0):
+    """The base with ``method`` attached (QLoRA: the base quantized to NF4 first)."""
+    spec = METHODS[method]
+    base = load_model(base_dir)
+    if spec.quantize:
+        from quantization import quantize_model
+        quantize_model(base, "nf4", ALL_LINEARS)
+    return get_peft_model(base, spec.make_config(rank), seed=seed)
+
+
+def eval_sets(config, n_windows, window=None, seed=1234):
+    """Fixed windows of every split of both corpora: ``{(corpus, split): (inputs, targets)}``."""
+    T = window_length(config, window)
+    sets = {(c, s): fixed_windows(ids, T, n_windows, seed=seed)
+            for c in ("alice", "shakespeare") for s, ids in corpus_splits(c).items() if s != "train"}
+    sets.update({("alice_new_chars", s): new_char_windows(T, s) for s in ("validation", "test")})
+    return sets
+
+
+def train_ids(fraction: float, window: int):
+    """The first ``fraction`` of Alice's training split (at least two windows' worth)."""
+    ids = corpus_splits("alice")["train"]
+    return ids[:max(int(round(fraction * len(ids))), 2 * (window + 1))]
+
+
+def adapter_bytes(model) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+
+
+def adapt(model, ids, steps, lr, batch_size, seed, window):
+    """Train ``model`` on random windows of ``ids``: ``(optimizer, seconds per step, losses)``."""
+    optimizer = AdamW(model, lr=lr)
+    history = train(model, WindowSampler(ids, window, seed=seed), steps, batch_size=batch_size,
+                    optimizer=optimizer, warmup_steps=max(1, steps // 20), seed=seed, progress=False)
+    return optimizer, history["seconds"] / max(steps, 1), history["losses"]
+
+
+def new_char_windows(window, split="test"):
+    """Every non-overlapping window of Alice's ``split`` (new characters are rare: use them all)."""
+    ids = corpus_splits("alice")[split]
+    return windows_at(ids, np.arange(0, len(ids) - window, window), window)
+
+
+def new_char_loss(model, inputs, targets, batch_size=64) -> float:
+    """Mean loss on the positions whose target is a character Shakespeare never has."""
+    masked = np.where(np.isin(targets, new_token_ids()), targets, -100)
+    was_training, total, count = model.training, 0.0, int((masked != -100).sum())
+    model.eval()
+    for s in range(0, len(inputs), batch_size):
+        n = int((masked[s:s + batch_size] != -100).sum())
+        if n:
+            total += n * cross_entropy(model.forward(inputs[s:s + batch_size]), masked[s:s + batch_size])[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def losses(model, sets, split):
+    """Alice and Shakespeare loss on ``split`` with the adapter active, Shakespeare's disabled."""
+    row = {"alice_loss": lm_loss(model, *sets[("alice", split)]),
+           "shakespeare_loss": lm_loss(model, *sets[("shakespeare", split)]),
+           "new_char_loss": new_char_loss(model, *sets[("alice_new_chars", split)])}
+    with model.disable_adapter():
+        row["shakespeare_disabled"] = lm_loss(model, *sets[("shakespeare", split)])
+    return row
+
+
+def run(spec: RunSpec) -> dict:
+    """One run; returns a flat dict of settings and measurements."""
+    model = build(spec.method, spec.base_dir, spec.rank, spec.seed)
+    window = window_length(model.config, None if spec.kind == "classify" else spec.window)
+    row = {"kind": spec.kind, "method": spec.method, "rank": spec.rank, "fraction": spec.fraction,
+           "seed": spec.seed, "lr": spec.lr, "steps": spec.steps, "batch_size": spec.batch_size,
+           "window": window, "split": spec.split}
+    if spec.kind == "classify":
+        scores, step_s = train_and_score(model, window, spec.steps, spec.lr, spec.batch_size,
+                                         spec.seed, spec.n_train, spec.n_test, spec.split)
+        row.update(scores)
+    else:
+        sets = eval_sets(model.config, spec.eval_windows, window)
+        optimizer, step_s, _ = adapt(model, train_ids(spec.fraction, window), spec.steps, spec.lr,
+                                     spec.batch_size, spec.seed, window)
+        row["trainable_state_bytes"] = memory_report(model, optimizer)["trainable_state"]
+        row.update(losses(model, sets, spec.split))
+    trainable, total = model.get_nb_trainable_parameters()
+    row.update({"trainable_params": trainable, "trainable_pct": 100.0 * trainable / total,
+                "step_ms": 1000 * step_s, "adapter_bytes": adapter_bytes(model)})
+    if spec.kind == "classify":
+        return row
+    if spec.split == "test":          # the sweep's choice is made on validation; report both
+        row.update({f"val_{k}": v for k, v in losses(model, sets, "validation").items()})
+    return row
+
+
+def base_losses(base_dir, n_windows, window) -> dict:
+    model = load_model(base_dir)
+    sets = eval_sets(model.config, n_windows, window)
+    row = {f"{c}_{s}": lm_loss(model, *sets[(c, s)]) for c, s in sets if c != "alice_new_chars"}
+    row.update({f"new_char_{s}": new_char_loss(model, *sets[("alice_new_chars", s)])
+                for s in ("validation", "test")})
+    return row
+
+
+def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, lr_sweep=False, classify=True):
+    """Every run of the job, most expensive first (the two workers finish together)."""
+    common = dict(steps=s.steps, batch_size=s.batch_size, eval_windows=s.eval_windows,
+                  window=s.window, base_dir=base_dir)
+    if lr_sweep:
+        return [RunSpec(m, s.seeds[0], lr=lr, split="validation", **common)
+                for m in methods for lr in METHODS[m].lr_grid]
+    specs = [RunSpec(m, seed, lr=METHODS[m].lr, **common) for m in methods for seed in s.seeds]
+    specs += [RunSpec(m, seed, lr=METHODS[m].lr, rank=r, **common) for m in s.rank_methods
+              if m in methods for r in s.ranks if r != 8 for seed in s.rank_seeds]
+    specs += [RunSpec(m, seed, lr=METHODS[m].lr, fraction=f, **common) for m in s.fraction_methods
+              if m in methods for f in s.fractions for seed in s.fraction_seeds]
+    if classify:
+        specs += [RunSpec(m, seed, s.classify_steps, s.batch_size, s.eval_windows, METHODS[m].lr,
+                          kind="classify", base_dir=base_dir, n_train=s.classify_train,
+                          n_test=s.classify_test) for m in methods for seed in s.classify_seeds]
+    cost = {"qlora": 1.4, "dora": 1.3, "full": 1.2}
+    return sorted(specs, key=lambda r: -(r.steps * cost.get(r.method, 1.0) * (r.rank / 64 + 1)))
+
+
+def run_all(specs, workers=2, progress=True):
+    if workers == 1:
+        return [run(s) for s in tqdm(specs, disable=not progress, desc="text runs")]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
+                         desc="text runs"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Adapt the Shakespeare base to Alice with every method.")
+    p.add_argument("--quick", action="store_true", help="one seed, short runs; writes results/text_quick/")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="try each method's lr_grid on the validation split (seed 0)")
+    p.add_argument("--workers", type=int, default=SETTINGS.workers)
+    p.add_argument("--base", default=TEXT_BASE_DIR, help="the pretrained text base's directory")
+    p.add_argument("--out", default=None, help="results directory (default: results/text/, "
+                   "results/text_quick/ with --quick, results/text/lr_sweep/ with --lr-sweep)")
+    a = p.parse_args(argv)
+    methods = a.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    settings = QUICK if a.quick else SETTINGS
+    out = a.out or (QUICK_DIR if a.quick else os.path.join(RESULTS_DIR, "lr_sweep") if a.lr_sweep
+                    else RESULTS_DIR)
+    if a.quick and os.path.abspath(out) == os.path.abspath(RESULTS_DIR):
+        raise SystemExit(f"--quick never writes the full results: choose another --out than {out}")
+    specs = plan(settings, methods, a.base, a.lr_sweep)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    base = base_losses(a.base, settings.eval_windows, settings.window)
+    rows = run_all(specs, a.workers)
+    seconds = time.perf_counter() - start
+    load = [round(x, 2) for x in load_before + os.getloadavg()]
+    from text_report import write_text_results
+    command = " ".join(["python code/stage-09/compare_text.py"] + (argv if argv is not None
+                                                                    else sys.argv[1:]))
+    write_text_results(rows, base, out, command=command, seconds=seconds, settings=settings,
+                       methods=METHODS, sweep=a.lr_sweep, load=load)
+
+
+if __name__ == "__main__":
+    main()

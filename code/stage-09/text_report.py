@@ -1,0 +1,296 @@
+"""Tables, plots and findings of the real-text comparison (``compare_text.py``).
+
+``summarize`` turns per-run rows into one row per configuration (method, rank,
+fraction of the data) with the mean and standard deviation over seeds;
+``findings`` states in words what the numbers show -- the sentences are built
+from the numbers, so they say whatever the measurement says;
+``write_text_results`` writes ``runs.csv``, ``summary.csv``, ``classification.csv``,
+``results.json`` (with every setting), the plots and a README.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import asdict
+
+import numpy as np
+
+from checkpoint import atomic_write_text
+from report import write_csv
+
+LOSS_FIELDS = ("alice_loss", "shakespeare_loss", "shakespeare_disabled", "forgetting",
+               "disabled_rise", "new_char_loss")
+TOUCH_BASE = ("full", "bitfit", "qlora")   # train the base's own numbers, or quantize them
+
+
+def label(method, rank, fraction) -> str:
+    name = method if rank == 8 or not method.startswith("lora") else f"{method}_r{rank}"
+    return name if fraction == 1.0 else f"{name}@{fraction:g}"
+
+
+def summarize(rows, base) -> list[dict]:
+    """Mean and std over seeds per (method, rank, fraction) of the language-model runs."""
+    groups = defaultdict(list)
+    for r in (r for r in rows if r["kind"] == "adapt"):
+        r = dict(r)
+        split = r["split"]
+        r["forgetting"] = r["shakespeare_loss"] - base[f"shakespeare_{split}"]
+        r["disabled_rise"] = r["shakespeare_disabled"] - base[f"shakespeare_{split}"]
+        groups[(r["method"], r["rank"], r["fraction"], r["lr"])].append(r)
+    out = []
+    for (method, rank, fraction, lr), rs in groups.items():
+        s = {"label": label(method, rank, fraction), "method": method, "rank": rank,
+             "fraction": fraction, "lr": lr, "seeds": len(rs),
+             **{k: rs[0][k] for k in ("trainable_params", "trainable_pct", "trainable_state_bytes",
+                                      "adapter_bytes", "steps", "batch_size", "window")},
+             "step_ms": float(np.median([r["step_ms"] for r in rs]))}
+        for f in LOSS_FIELDS:
+            v = [r[f] for r in rs]
+            s[f], s[f + "_std"] = float(np.mean(v)), float(np.std(v))
+        out.append(s)
+    return sorted(out, key=lambda s: (s["fraction"] != 1.0, s["trainable_params"], s["label"]))
+
+
+def summarize_classification(rows) -> list[dict]:
+    groups = defaultdict(list)
+    for r in (r for r in rows if r["kind"] == "classify"):
+        groups[r["method"]].append(r)
+    out = []
+    for method, rs in groups.items():
+        s = {"method": method, "lr": rs[0]["lr"], "seeds": len(rs), "steps": rs[0]["steps"],
+             "trainable_params": rs[0]["trainable_params"], "n_test": rs[0]["n_test"],
+             "majority_baseline": rs[0]["majority_baseline"]}
+        for f in ("accuracy", "top1_accuracy", "accuracy_before"):
+            v = [r[f] for r in rs]
+            s[f], s[f + "_std"] = float(np.mean(v)), float(np.std(v))
+        out.append(s)
+    return sorted(out, key=lambda s: s["trainable_params"])
+
+
+def format_table(summary, base, split="test") -> str:
+    head = (f"{'method':<16} {'trainable':>9} {'%':>7} {'Alice loss':>14} {'Shakesp. rise':>14} "
+            f"{'disabled':>9} {'new chars':>9} {'ms/step':>7} {'state KB':>8} {'file KB':>8}")
+    lines = [f"base ({split} split): Alice {base[f'alice_{split}']:.3f}, Shakespeare "
+             f"{base[f'shakespeare_{split}']:.3f} nats/char", head, "-" * len(head)]
+    for s in summary:
+        lines.append(
+            f"{s['label']:<16} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
+            f"{s['alice_loss']:>7.3f}±{s['alice_loss_std']:.3f} {s['forgetting']:>+7.3f}±"
+            f"{s['forgetting_std']:.3f} {s['disabled_rise']:>+9.3f} {s['new_char_loss']:>9.2f} "
+            f"{s['step_ms']:>7.1f} "
+            f"{s['trainable_state_bytes'] / 1024:>8.1f} {s['adapter_bytes'] / 1024:>8.1f}")
+    lines.append("Alice loss: mean±std over seeds; Shakesp. rise: Shakespeare loss minus the base's, "
+                 "adapter active; disabled: the same rise with the adapter off;\nnew chars: Alice loss on "
+                 "the characters Shakespeare lacks; @0.1: 10% of the data")
+    return "\n".join(lines)
+
+
+def format_classification(csum) -> str:
+    if not csum:
+        return ""
+    lines = [f"{'method':<12} {'trainable':>9} {'accuracy':>14} {'top-1':>6} {'before':>6} "
+             f"{'majority':>8}"]
+    for s in csum:
+        lines.append(f"{s['method']:<12} {s['trainable_params']:>9,} {s['accuracy']:>7.3f}±"
+                     f"{s['accuracy_std']:.3f} {s['top1_accuracy']:>6.3f} {s['accuracy_before']:>6.3f} "
+                     f"{s['majority_baseline']:>8.3f}")
+    return "\n".join(lines)
+
+
+def _by_label(summary):
+    return {s["label"]: s for s in summary}
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def findings(summary, csum, base) -> list[str]:
+    """What the measurement shows, in sentences built from the numbers."""
+    by, out = _by_label(summary), []
+    if "full" in by and "lora_all" in by:
+        f, lo = by["full"], by["lora_all"]
+        learns = "less" if lo["alice_loss"] > f["alice_loss"] else "more"
+        forgets = "less" if lo["forgetting"] < f["forgetting"] else "more"
+        out.append(f"LoRA on every linear (r=8) learned {learns} than full fine-tuning (Alice loss "
+                   f"{lo['alice_loss']:.3f} vs {f['alice_loss']:.3f}) and forgot {forgets} "
+                   f"(Shakespeare rise {lo['forgetting']:+.3f} vs {f['forgetting']:+.3f}).")
+    for m in ("lora_all", "lora_qv"):
+        sweep = sorted((s for s in summary if s["method"] == m and s["fraction"] == 1.0),
+                       key=lambda s: s["rank"])
+        if len(sweep) > 1:
+            lo, hi = sweep[0], sweep[-1]
+            out.append(f"{m} from r={lo['rank']} to r={hi['rank']}: Alice loss {lo['alice_loss']:.3f}"
+                       f" -> {hi['alice_loss']:.3f}, Shakespeare rise {lo['forgetting']:+.3f} -> "
+                       f"{hi['forgetting']:+.3f}.")
+    full_data = [s for s in summary if s["fraction"] == 1.0]
+    if len(full_data) > 2:
+        rho = spearman([s["alice_loss"] for s in full_data], [s["forgetting"] for s in full_data])
+        kind = ("the more a configuration learned, the more it forgot" if rho < -0.3 else
+                "learning and forgetting rose together only weakly" if rho < 0.3 else
+                "configurations that learned more forgot less")
+        out.append(f"Across all {len(full_data)} full-data configurations the rank correlation of "
+                   f"Alice loss with Shakespeare rise is {rho:+.2f}: {kind}.")
+    kept = [s for s in full_data if s["method"] not in TOUCH_BASE]
+    if kept:
+        worst = max(abs(s["disabled_rise"]) for s in kept)
+        out.append(f"Disabled, the {len(kept)} configurations that leave the base's weights alone "
+                   f"give the base's Shakespeare loss (largest difference {worst:.1e} nats).")
+    if "qlora" in by:
+        out.append(f"QLoRA disabled is the NF4-quantized base: its Shakespeare loss is "
+                   f"{by['qlora']['disabled_rise']:+.4f} nats from the float base's.")
+    if "lora_tokens" in by and "lora_all" in by:
+        t, lo = by["lora_tokens"], by["lora_all"]
+        out.append(f"New characters (those of Alice that Shakespeare lacks): their loss is {base[f'new_char_test']:.2f} nats for the base, "
+                   f"{lo['new_char_loss']:.2f} after LoRA, {t['new_char_loss']:.2f} after LoRA with "
+                   f"their embedding rows trainable (trainable_token_indices); all-character Alice "
+                   f"loss {lo['alice_loss']:.3f} vs {t['alice_loss']:.3f}.")
+    out += low_data_findings(summary, base)
+    if csum:
+        best = max(csum, key=lambda s: s["accuracy"])
+        worst = min(csum, key=lambda s: s["accuracy"])
+        out.append(f"Authorship: {best['method']} is best at {best['accuracy']:.1%}, {worst['method']}"
+                   f" lowest at {worst['accuracy']:.1%}; always answering one author scores "
+                   f"{best['majority_baseline']:.0%}.")
+    return out
+
+
+def low_data_findings(summary, base) -> list[str]:
+    out = []
+    fractions = sorted({s["fraction"] for s in summary})
+    for frac in fractions:
+        rows = [s for s in summary if s["fraction"] == frac and (s["rank"] == 8 or
+                                                                not s["method"].startswith("lora"))]
+        if frac == 1.0:
+            methods = {s["method"] for s in summary if s["fraction"] != 1.0}
+            rows = [s for s in rows if s["method"] in methods]
+        if len(rows) < 2:
+            continue
+        ranked = sorted(rows, key=lambda s: s["alice_loss"])
+        out.append(f"With {frac:.0%} of Alice's training text: " + ", ".join(
+            f"{s['method']} {s['alice_loss']:.3f}" for s in ranked) + " (Alice loss, best first).")
+    return out
+
+
+def method_colors(order):
+    """One colour per method, the same in every figure (``order``: the methods table's keys)."""
+    import matplotlib.pyplot as plt
+    return {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(order)}
+
+
+def plot_learn_forget(summary, base, path, order, split="test"):
+    """Alice loss (x) against the Shakespeare loss rise (y): a point per method, a line per
+    LoRA rank sweep, error bars one standard deviation over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    color = method_colors(order)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    full_data = [s for s in summary if s["fraction"] == 1.0]
+    for m in ("lora_qv", "lora_all"):
+        sweep = sorted((s for s in full_data if s["method"] == m), key=lambda s: s["rank"])
+        if len(sweep) > 1:
+            ax.plot([s["alice_loss"] for s in sweep], [s["forgetting"] for s in sweep], "-",
+                    color=color[m], alpha=0.5)
+            for s in sweep:
+                ax.annotate(f"r{s['rank']}", (s["alice_loss"], s["forgetting"]), fontsize=7,
+                            xytext=(3, -9), textcoords="offset points", color=color[m])
+    for s in full_data:
+        headline = s["label"] == s["method"]
+        ax.errorbar(s["alice_loss"], s["forgetting"], xerr=s["alice_loss_std"],
+                    yerr=s["forgetting_std"], fmt="o" if headline else ".", capsize=2,
+                    color=color[s["method"]], label=s["method"] if headline else None)
+    ax.axvline(base[f"alice_{split}"], color="grey", ls=":", lw=1)
+    ax.annotate("base, untouched", (base[f"alice_{split}"], 0), fontsize=8, color="grey",
+                xytext=(-80, 6), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title="Learning Alice vs forgetting Shakespeare (lower-left is better)",
+           xlabel=f"Alice {split} loss after adaptation (nats/char; left = learned more)",
+           ylabel=f"Shakespeare {split} loss rise, adapter active (nats/char)")
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_low_data(summary, base, path, order, split="test"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    color = method_colors(order)
+    methods = sorted({s["method"] for s in summary if s["fraction"] != 1.0}, key=order.index)
+    if not methods:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        pts = sorted((s for s in summary if s["method"] == m and (s["rank"] == 8 or not
+                      m.startswith("lora"))), key=lambda s: s["fraction"])
+        ax.errorbar([s["fraction"] for s in pts], [s["alice_loss"] for s in pts],
+                    yerr=[s["alice_loss_std"] for s in pts], fmt="o-", capsize=3, color=color[m],
+                    label=m)
+    ax.axhline(base[f"alice_{split}"], color="grey", ls=":", lw=1, label="base")
+    ax.set_xscale("log")
+    ax.set(title="How much Alice text does each method need?",
+           xlabel="fraction of Alice's training split (log)", ylabel=f"Alice {split} loss (nats/char)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_classification(csum, path, order):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not csum:
+        return
+    color = method_colors(order)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(csum))
+    ax.bar(x, [s["accuracy"] for s in csum], yerr=[s["accuracy_std"] for s in csum],
+           color=[color[s["method"]] for s in csum], capsize=3)
+    ax.axhline(csum[0]["majority_baseline"], color="black", ls="--", lw=1, label="majority baseline")
+    ax.set_xticks(x, [s["method"] for s in csum], rotation=30, ha="right")
+    ax.set(title="Who wrote it? Shakespeare or Carroll, one label token",
+           ylabel="held-out accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_text_results(rows, base, out, command, seconds, settings, methods, sweep=False,
+                       load=None):
+    """Print the tables and write every file of one job into ``out``."""
+    from pretrain import machine
+    os.makedirs(out, exist_ok=True)
+    split = "validation" if sweep else "test"
+    summary, csum = summarize(rows, base), summarize_classification(rows)
+    table, ctable = format_table(summary, base, split), format_classification(csum)
+    words = [] if sweep else findings(summary, csum, base)
+    print(table, ctable, *words, sep="\n\n")
+    print(f"\n{len(rows)} runs in {seconds / 60:.1f} min on {machine()}")
+    write_csv(os.path.join(out, "runs.csv"), [r for r in rows if r["kind"] == "adapt"])
+    write_csv(os.path.join(out, "classification_runs.csv"), [r for r in rows if r["kind"] == "classify"])
+    write_csv(os.path.join(out, "summary.csv"), summary)
+    write_csv(os.path.join(out, "classification.csv"), csum)
+    order = list(methods)
+    meta = {"command": command, "machine": machine(), "minutes": round(seconds / 60, 2),
+            "load_average": load, "base": base, "settings": asdict(settings),
+            "methods": {m: {"lr": spec.lr, "lr_grid": list(spec.lr_grid), "why": spec.why,
+                            "quantize": spec.quantize} for m, spec in methods.items()}}
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(
+        {"meta": meta, "summary": summary, "classification": csum, "findings": words,
+         "runs": rows}, indent=1))
+    if not sweep:
+        plot_learn_forget(summary, base, os.path.join(out, "learn_forget.png"), order)
+        plot_low_data(summary, base, os.path.join(out, "low_data.png"), order)
+        plot_classification(csum, os.path.join(out, "classification.png"), order)
+    bullets = "".join(f"- {w}\n" for w in words)
+    atomic_write_text(os.path.join(out, "README.md"),
+                      f"# Real-text results: Shakespeare base adapted to Alice\n\nMade by `{command}` in "
+                      f"{seconds / 60:.1f} minutes on {machine()} (load average {load}).\n\n"
+                      f"```\n{table}\n```\n\n```\n{ctable}\n```\n\n{bullets}")
+    return summary, csum, words
