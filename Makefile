@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    create/reuse .venv, install, run the main job
+#   make run    create/reuse .venv, install, run the main job (digit tasks, then real text)
 #   make test   create/reuse .venv, install, run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	cd code/stage-09 && ../../$(PY) compare.py
+	cd code/stage-09 && ../../$(PY) compare.py && ../../$(PY) compare_text.py
 
 # One BLAS thread: the suite's matrices are small, and a second thread only adds
 # contention (seen here: 30x slower matmuls when the machine is busy).

@@ -314,6 +314,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-sweep", action="store_true",
                    help="try each method's lr_grid on the validation split (seed 0)")
+    p.add_argument("--steps", type=int, default=None, help="override SETTINGS.steps (recorded)")
     p.add_argument("--workers", type=int, default=SETTINGS.workers)
     p.add_argument("--base", default=TEXT_BASE_DIR, help="the pretrained text base's directory")
     p.add_argument("--out", default=None, help="results directory (default: results/text/, "
@@ -324,6 +325,10 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     settings = QUICK if a.quick else SETTINGS
+    if a.steps is not None:
+        if a.steps < 1:
+            raise SystemExit(f"--steps must be at least 1, got {a.steps}")
+        settings = replace(settings, steps=a.steps)
     out = a.out or (QUICK_DIR if a.quick else os.path.join(RESULTS_DIR, "lr_sweep") if a.lr_sweep
                     else RESULTS_DIR)
     if a.quick and os.path.abspath(out) == os.path.abspath(RESULTS_DIR):
