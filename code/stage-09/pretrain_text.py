@@ -29,12 +29,15 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import load_into, load_json, load_metadata, load_tensors, save_json, save_model, save_tensors  # noqa: E402
+from checkpoint import (atomic_write_text, load_into, load_json, load_metadata, load_tensors,  # noqa: E402
+                        save_json, save_model, save_tensors)
 from data_parallel import DataParallel  # noqa: E402
+from generate import complete, tokens_per_second  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
 from optim import AdamW, warmup_cosine  # noqa: E402
 from pretrain import machine  # noqa: E402
-from text import ByteTokenizer, WindowSampler, bits_and_perplexity, corpus_splits, fixed_windows, lm_loss  # noqa: E402
+from text import (ByteTokenizer, WindowSampler, bits_and_perplexity, corpus_splits,  # noqa: E402
+                  fixed_windows, lm_loss, token_losses)
 from train import train_step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +54,9 @@ PRETRAIN = {              # the one table: pretraining and its evaluation
     "eval_windows": 512, "eval_seed": 1234,      # the fixed validation (and test) sample
     "progress_windows": 128,                     # the periodic estimate during training
 }
+SAMPLING = {"temperature": 0.8, "top_k": 20, "seed": 0}    # how the shipped samples are drawn
+SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "Alice was beginning")
+SAMPLE_TOKENS = 200
 
 
 def build_optimizer(model, lr, weight_decay):
@@ -125,6 +131,9 @@ def pretrain_text(config=TEXT_BASE_CONFIG, out=PRETRAINED_TEXT_DIR, checkpoint_d
     if ckpt and resume and os.path.exists(ckpt):
         state = load_checkpoint(ckpt, model, optimizer, sampler, settings)
         print(f"resuming from {ckpt} at step {state['step']}")
+    state.setdefault("sessions", []).append(          # each start or resume, for the record
+        {"from_step": state["step"], "processes": s["processes"],
+         "load_average": round(os.getloadavg()[0], 2)})
     n_params = sum(p.size for _, p in model.named_parameters())
     print(f"pretraining a {n_params:,}-parameter byte-level GPT on Shakespeare "
           f"({len(splits['train']):,} training characters) for {s['steps']} steps of "
@@ -168,8 +177,10 @@ def finish(model, splits, s, state, n_params) -> dict:
           f"perplexity {val['perplexity']:.2f}; test {test['loss']:.4f} (measured once)")
     print(f"{state['step']} steps in {state['seconds'] / 60:.1f} min")
     return {
+        "samples": samples(model), "generation": generation_speed(model),
+        "unseen_characters": unseen_character_cost(model),
         "command": "python code/stage-09/pretrain_text.py", "settings": state["settings"],
-        "processes": s["processes"], "parameters": n_params,
+        "processes": s["processes"], "sessions": state["sessions"], "parameters": n_params,
         "validation": val, "test": test, "eval_windows": s["eval_windows"],
         "eval_seed": s["eval_seed"], "seconds": round(state["seconds"], 1),
         "machine": machine(), "load_average_during_run": state["loads"],
@@ -177,10 +188,89 @@ def finish(model, splits, s, state, n_params) -> dict:
                   "train_loss_per_step": state["losses"]}}
 
 
+def unseen_character_cost(model, windows=256, seed=PRETRAIN["eval_seed"]) -> dict:
+    """The base's loss on *Alice*'s validation text, split by the predicted character:
+    one Shakespeare has, or one of those it lacks (their embedding rows never trained)."""
+    tok = ByteTokenizer()
+    seen = np.zeros(tok.vocab_size, dtype=bool)
+    seen[np.unique(corpus_splits("shakespeare")["train"])] = True
+    inputs, targets = fixed_windows(corpus_splits("alice")["validation"],
+                                    model.config.context_length, windows, seed)
+    losses, new = token_losses(model, inputs, targets), ~seen[targets]
+    return {"alice_loss_on_seen_characters": float(losses[~new].mean()),
+            "alice_loss_on_unseen_characters": float(losses[new].mean()) if new.any() else None,
+            "unseen_positions": int(new.sum()), "positions": int(new.size),
+            "unseen_characters": "".join(sorted({chr(t) for t in targets[new].tolist()}))}
+
+
+def samples(model) -> dict:
+    """``SAMPLE_TOKENS`` sampled characters after each of ``SAMPLE_PROMPTS`` (``SAMPLING``)."""
+    return {p: complete(model, ByteTokenizer(), p, SAMPLE_TOKENS, **SAMPLING) for p in SAMPLE_PROMPTS}
+
+
+def generation_speed(model, prompt="ROMEO:\n", new_tokens=100) -> dict:
+    """Tokens per second of one sequence, with and without the key/value cache, and the load."""
+    ids = ByteTokenizer().encode(prompt)
+    rates = {f"tokens_per_second_{name}": round(tokens_per_second(model, ids, new_tokens, cached,
+                                                                  repeats=2, **SAMPLING), 1)
+             for name, cached in (("cached", True), ("uncached", False))}
+    return {**rates, "new_tokens": new_tokens, "prompt_tokens": len(ids),
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+def model_card(report) -> str:
+    """``pretrained_text/README.md``: what the base is, how good, how it was made."""
+    c, v, t = report["settings"]["config"], report["validation"], report["test"]
+    g, u = report["generation"], report["unseen_characters"]
+    unseen = (f"{u['alice_loss_on_unseen_characters']:.2f}"
+              if u["alice_loss_on_unseen_characters"] is not None else "nothing")
+    sessions = "; ".join(f"from step {x['from_step']}: {x['processes']} processes, load {x['load_average']}"
+                         for x in report["sessions"])
+    lines = [
+        "# The text base: a byte-level mini GPT pretrained on tiny Shakespeare",
+        "",
+        f"{report['parameters']:,} parameters (d_model {c['d_model']}, {c['n_layers']} layers, "
+        f"{c['n_heads']} heads, context {c['context_length']} bytes, vocabulary "
+        f"{c['vocab_size']} bytes), trained by `{report['command']}` on the first 90% of "
+        f"`data/tinyshakespeare.txt` ({report['settings']['steps']:,} AdamW steps of "
+        f"{report['settings']['batch_size']} windows).",
+        "",
+        f"| split | loss (nats/char) | bits/char | perplexity |",
+        f"|---|---|---|---|",
+        f"| validation | {v['loss']:.4f} | {v['bits_per_char']:.3f} | {v['perplexity']:.2f} |",
+        f"| test (measured once) | {t['loss']:.4f} | {t['bits_per_char']:.3f} | {t['perplexity']:.2f} |",
+        "",
+        f"Both on {report['eval_windows']} fixed random windows (seed {report['eval_seed']}) "
+        f"of the split, every position of each window counted.",
+        "",
+        f"Training took {report['seconds'] / 60:.1f} min on {report['machine']} "
+        f"({sessions}), load average during the run "
+        f"{min(report['load_average_during_run'])}-{max(report['load_average_during_run'])} "
+        f"(the machine was shared).",
+        "",
+        f"Generating {g['new_tokens']} tokens after a {g['prompt_tokens']}-token prompt: "
+        f"{g['tokens_per_second_cached']:,.0f} tokens/s with the key/value cache, "
+        f"{g['tokens_per_second_uncached']:,.0f} without (load average {g['load_average']}). "
+        f"Past the context every step is a full forward of the last window, cache or not.",
+        "",
+        f"Characters it never saw: on {u['positions']:,} positions of *Alice*'s validation "
+        f"text the base loses {u['alice_loss_on_seen_characters']:.2f} nats per character it "
+        f"knows from Shakespeare and {unseen} on the {u['unseen_positions']} positions that hold "
+        f"one of `{u['unseen_characters']}`, whose embedding rows were never trained.",
+        "",
+        f"Samples (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
+        f"seed {SAMPLING['seed']}):",
+    ]
+    for prompt, text in report["samples"].items():
+        lines += ["", "```", prompt + text, "```"]
+    return "\n".join(lines) + "\n"
+
+
 def save_base(model, directory, report) -> None:
     save_model(model, directory)
     ByteTokenizer().save(directory)
     save_json(os.path.join(directory, REPORT_NAME), report)
+    atomic_write_text(os.path.join(directory, "README.md"), model_card(report))
 
 
 def load_text_base(directory=PRETRAINED_TEXT_DIR):

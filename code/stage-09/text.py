@@ -210,6 +210,22 @@ def lm_loss(model, inputs, targets, batch_size: int = 64) -> float:
     return total / targets.size
 
 
+def token_losses(model, inputs, targets, batch_size: int = 64) -> np.ndarray:
+    """Cross-entropy of every position, ``(B, T)`` nats, in eval mode (for per-character views)."""
+    was_training = getattr(model, "training", True)
+    model.eval()
+    out = np.empty(targets.shape)
+    try:
+        for s in range(0, len(inputs), batch_size):
+            logits = np.asarray(model.forward(inputs[s:s + batch_size]), dtype=np.float64)  # (b, T, V)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))                # log-softmax
+            out[s:s + batch_size] = -np.take_along_axis(logp, targets[s:s + batch_size, :, None], -1)[..., 0]
+    finally:
+        model.train(was_training)
+    return out
+
+
 def bits_and_perplexity(nats: float) -> dict:
     """A loss in nats per character also as bits per character and perplexity."""
     return {"loss": float(nats), "bits_per_char": float(nats / np.log(2)),

@@ -6,7 +6,7 @@ import pytest
 
 from minigpt import GPTConfig
 from pretrain_text import PRETRAINED_TEXT_DIR, evaluate_split, load_text_base, pretrain_text
-from text import corpus_splits
+from text import corpus_splits, fixed_windows, lm_loss, token_losses
 
 TINY = GPTConfig(vocab_size=256, context_length=16, d_model=16, n_layers=1, n_heads=2)
 FAST = dict(batch_size=4, eval_windows=8, progress_windows=8, eval_every=3, checkpoint_every=2,
@@ -45,3 +45,12 @@ def test_shipped_base_validation_loss_equals_its_report():
     size = sum(os.path.getsize(os.path.join(PRETRAINED_TEXT_DIR, f))
                for f in os.listdir(PRETRAINED_TEXT_DIR))
     assert size <= 5 * 2**20
+
+
+def test_token_losses_average_to_the_loss():
+    model, _ = pretrain_text(TINY, out=None, checkpoint_dir=None, progress=False, steps=2,
+                             processes=1, **FAST)
+    inputs, targets = fixed_windows(corpus_splits("alice")["validation"], 16, 10, seed=0)
+    per_position = token_losses(model, inputs, targets, batch_size=3)
+    assert per_position.shape == (10, 16) and (per_position > 0).all()
+    assert per_position.mean() == pytest.approx(lm_loss(model, inputs, targets), rel=1e-5)
