@@ -47,7 +47,7 @@ from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA
                         LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model)
 from pretrain_text import PRETRAINED_TEXT_DIR as TEXT_BASE_DIR  # noqa: E402
 from nn import cross_entropy  # noqa: E402
-from text import WindowSampler, corpus_splits, fixed_windows, lm_loss, windows_at  # noqa: E402
+from text import ByteTokenizer, WindowSampler, corpus_splits, fixed_windows, lm_loss, windows_at  # noqa: E402
 from text_classify import train_and_score  # noqa: E402
 from train import train  # noqa: E402
 
@@ -57,6 +57,8 @@ RESULTS_DIR = os.path.join(ROOT, "results", "text")
 QUICK_DIR = os.path.join(ROOT, "results", "text_quick")      # gitignored: --quick writes here
 QV = ["q_proj", "v_proj"]
 VIRTUAL_TOKENS = 10   # prompt / prefix length: windows leave them room in the context
+SAMPLE = {"prompt": "Alice was beginning to", "max_new_tokens": 120, "temperature": 0.8,
+          "top_k": 20, "seed": 0}   # one sample per headline run (seed 0), and the base's
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,13 @@ def new_char_loss(model, inputs, targets, batch_size=64) -> float:
     return total / max(count, 1)
 
 
+def sample(model) -> str:
+    """``SAMPLE``'s continuation (the adapter active)."""
+    from generate import complete
+    s = dict(SAMPLE)
+    return complete(model, ByteTokenizer(), s.pop("prompt"), s.pop("max_new_tokens"), **s)
+
+
 def losses(model, sets, split):
     """Alice and Shakespeare loss on ``split`` with the adapter active, Shakespeare's disabled."""
     row = {"alice_loss": lm_loss(model, *sets[("alice", split)]),
@@ -261,6 +270,8 @@ def run(spec: RunSpec) -> dict:
                                      spec.batch_size, spec.seed, window)
         row["trainable_state_bytes"] = memory_report(model, optimizer)["trainable_state"]
         row.update(losses(model, sets, spec.split))
+        if spec.seed == 0 and spec.fraction == 1.0 and spec.rank == 8 and spec.split == "test":
+            row["sample"] = sample(model)
     trainable, total = model.get_nb_trainable_parameters()
     row.update({"trainable_params": trainable, "trainable_pct": 100.0 * trainable / total,
                 "step_ms": 1000 * step_s, "adapter_bytes": adapter_bytes(model)})
@@ -277,7 +288,22 @@ def base_losses(base_dir, n_windows, window) -> dict:
     row = {f"{c}_{s}": lm_loss(model, *sets[(c, s)]) for c, s in sets if c != "alice_new_chars"}
     row.update({f"new_char_{s}": new_char_loss(model, *sets[("alice_new_chars", s)])
                 for s in ("validation", "test")})
+    row["sample"] = sample(model)
     return row
+
+
+def base_record(base_dir) -> dict:
+    """Which base the runs started from (its pretraining report's key facts)."""
+    import json
+    path = os.path.join(base_dir, "pretrain_report.json")
+    record = {"dir": os.path.relpath(base_dir, ROOT)}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+        record.update({"validation_loss": report["validation"]["loss"],
+                       "steps": report.get("step", report.get("settings", {}).get("steps")),
+                       "snapshot_of": report.get("snapshot_of")})
+    return record
 
 
 def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, lr_sweep=False, classify=True):
@@ -336,6 +362,7 @@ def main(argv=None):
     specs = plan(settings, methods, a.base, a.lr_sweep)
     start, load_before = time.perf_counter(), os.getloadavg()
     base = base_losses(a.base, settings.eval_windows, settings.window)
+    base["pretraining"] = base_record(a.base)
     rows = run_all(specs, a.workers)
     seconds = time.perf_counter() - start
     load = [round(x, 2) for x in load_before + os.getloadavg()]
@@ -343,7 +370,7 @@ def main(argv=None):
     command = " ".join(["python code/stage-09/compare_text.py"] + (argv if argv is not None
                                                                     else sys.argv[1:]))
     write_text_results(rows, base, out, command=command, seconds=seconds, settings=settings,
-                       methods=METHODS, sweep=a.lr_sweep, load=load)
+                       methods=METHODS, sweep=a.lr_sweep, load=load, sample=SAMPLE)
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def plot_classification(csum, path, order):
 
 
 def write_text_results(rows, base, out, command, seconds, settings, methods, sweep=False,
-                       load=None):
+                       load=None, sample=None):
     """Print the tables and write every file of one job into ``out``."""
     from pretrain import machine
     os.makedirs(out, exist_ok=True)
@@ -272,13 +272,14 @@ def write_text_results(rows, base, out, command, seconds, settings, methods, swe
     words = [] if sweep else findings(summary, csum, base)
     print(table, ctable, *words, sep="\n\n")
     print(f"\n{len(rows)} runs in {seconds / 60:.1f} min on {machine()}")
-    write_csv(os.path.join(out, "runs.csv"), [r for r in rows if r["kind"] == "adapt"])
+    write_csv(os.path.join(out, "runs.csv"), [{k: v for k, v in r.items() if k != "sample"}
+                                              for r in rows if r["kind"] == "adapt"])
     write_csv(os.path.join(out, "classification_runs.csv"), [r for r in rows if r["kind"] == "classify"])
     write_csv(os.path.join(out, "summary.csv"), summary)
     write_csv(os.path.join(out, "classification.csv"), csum)
     order = list(methods)
     meta = {"command": command, "machine": machine(), "minutes": round(seconds / 60, 2),
-            "load_average": load, "base": base, "settings": asdict(settings),
+            "load_average": load, "base": base, "settings": asdict(settings), "sample": sample,
             "methods": {m: {"lr": spec.lr, "lr_grid": list(spec.lr_grid), "why": spec.why,
                             "quantize": spec.quantize} for m, spec in methods.items()}}
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(
@@ -294,3 +295,33 @@ def write_text_results(rows, base, out, command, seconds, settings, methods, swe
                       f"{seconds / 60:.1f} minutes on {machine()} (load average {load}).\n\n"
                       f"```\n{table}\n```\n\n```\n{ctable}\n```\n\n{bullets}")
     return summary, csum, words
+
+
+def samples_by_method(results) -> dict:
+    """``{"base": text, method: text}`` from the headline runs of ``results.json``."""
+    out = {"base": results["meta"]["base"].get("sample", "")}
+    for r in results["runs"]:
+        if r.get("sample") is not None and r["method"] not in out:
+            out[r["method"]] = r["sample"]
+    return out
+
+
+def readme_block(results, image="results/text/learn_forget.png", show=("full", "lora_all",
+                                                                       "prompt")) -> str:
+    """The README's opening: the learn-forget table, the plot and a few samples (generated)."""
+    base, summary = results["meta"]["base"], results["summary"]
+    rows = [s for s in summary if s["fraction"] == 1.0 and s["label"] == s["method"]]
+    lines = ["| method | trainable % | Alice loss | Shakespeare rise | disabled rise |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {s['method']} | {s['trainable_pct']:.2f} | {s['alice_loss']:.3f} ± "
+              f"{s['alice_loss_std']:.3f} | {s['forgetting']:+.3f} ± {s['forgetting_std']:.3f} | "
+              f"{s['disabled_rise']:+.3f} |" for s in rows]
+    texts = samples_by_method(results)
+    prompt = results["meta"]["sample"]["prompt"]
+    shown = "\n\n".join(f"**{m}**: `{prompt}` {json.dumps(texts[m])[1:-1]}"
+                         for m in ("base",) + tuple(show) if m in texts)
+    return (f"Base: Alice {base['alice_test']:.3f}, Shakespeare {base['shakespeare_test']:.3f} "
+            f"nats/char (test splits, {results['meta']['settings']['steps']} steps per run, "
+            f"mean ± std over {len(results['meta']['settings']['seeds'])} seeds)\n\n"
+            + "\n".join(lines) + f"\n\n![learn-forget]({image})\n\n"
+            + "".join(f"- {w}\n" for w in results["findings"]) + "\n" + shown + "\n")
