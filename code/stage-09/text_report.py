@@ -325,3 +325,52 @@ def readme_block(results, image="results/text/learn_forget.png", show=("full", "
             f"mean ± std over {len(results['meta']['settings']['seeds'])} seeds)\n\n"
             + "\n".join(lines) + f"\n\n![learn-forget]({image})\n\n"
             + "".join(f"- {w}\n" for w in results["findings"]) + "\n" + shown + "\n")
+
+
+def choose_learning_rates(sweep_results) -> dict:
+    """``{method: lr}``: the rate with the lowest Alice *validation* loss in a ``--lr-sweep``'s
+    ``results.json`` (ties: the smaller Shakespeare rise)."""
+    best = {}
+    for s in sweep_results["summary"]:
+        key = (s["alice_loss"], s["forgetting"])
+        if s["method"] not in best or key < best[s["method"]][0]:
+            best[s["method"]] = (key, s["lr"])
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+README_MARKERS = ("<!-- real-text results: start (python code/stage-09/text_report.py --readme) -->",
+                  "<!-- real-text results: end -->")
+
+
+def readme_with_block(readme: str, results) -> str:
+    """``readme`` with the text between ``README_MARKERS`` replaced by ``readme_block``."""
+    start, end = README_MARKERS
+    if start not in readme or end not in readme:
+        raise ValueError(f"the README has no {start!r} ... {end!r} markers")
+    head, rest = readme.split(start, 1)
+    return head + start + "\n" + readme_block(results) + rest[rest.index(end):]
+
+
+def main(argv=None):
+    """``--readme``: refresh the README's real-text block from ``results/text/results.json``."""
+    import argparse
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(here, "..", ".."))
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--readme", action="store_true")
+    p.add_argument("--results", default=os.path.join(root, "results", "text", "results.json"))
+    a = p.parse_args(argv)
+    with open(a.results) as f:
+        results = json.load(f)
+    if a.readme:
+        path = os.path.join(root, "README.md")
+        with open(path) as f:
+            text = readme_with_block(f.read(), results)
+        atomic_write_text(path, text)
+        print(f"updated {path}")
+    else:
+        print(readme_block(results))
+
+
+if __name__ == "__main__":
+    main()
