@@ -179,6 +179,7 @@ def finish(model, splits, s, state, n_params) -> dict:
     return {
         "samples": samples(model), "generation": generation_speed(model),
         "unseen_characters": unseen_character_cost(model),
+        "cost": cpu_seconds_per_step(model.config),
         "command": "python code/stage-09/pretrain_text.py", "settings": state["settings"],
         "processes": s["processes"], "sessions": state["sessions"], "parameters": n_params,
         "validation": val, "test": test, "eval_windows": s["eval_windows"],
@@ -203,6 +204,28 @@ def unseen_character_cost(model, windows=256, seed=PRETRAIN["eval_seed"]) -> dic
             "unseen_characters": "".join(sorted({chr(t) for t in targets[new].tolist()}))}
 
 
+def cpu_seconds_per_step(config=TEXT_BASE_CONFIG, steps=20, processes=2) -> dict:
+    """CPU time (all processes) of ``steps`` training steps of a fresh model, per step.
+
+    Wall time depends on what else the machine runs; CPU time hardly does, so
+    ``steps x this / cores`` estimates the run on idle cores. The workers' start-up
+    is included (a slight overestimate). Linux/macOS only (``resource``).
+    """
+    import resource
+    children = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731
+    model = GPT(config, seed=1)
+    optimizer = build_optimizer(model, PRETRAIN["lr"], PRETRAIN["weight_decay"])
+    sampler = WindowSampler(corpus_splits("shakespeare")["train"], config.context_length, seed=1)
+    cpu, kids, wall = time.process_time(), children(), time.perf_counter()
+    with DataParallel(model, processes) as parallel:
+        for _ in range(steps):
+            train_step(model, optimizer, sampler(PRETRAIN["batch_size"]), PRETRAIN["grad_clip"], parallel)
+    total = time.process_time() - cpu + children() - kids
+    return {"cpu_seconds_per_step": round(total / steps, 3), "processes": processes,
+            "wall_seconds_per_step": round((time.perf_counter() - wall) / steps, 3),
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
 def samples(model) -> dict:
     """``SAMPLE_TOKENS`` sampled characters after each of ``SAMPLE_PROMPTS`` (``SAMPLING``)."""
     return {p: complete(model, ByteTokenizer(), p, SAMPLE_TOKENS, **SAMPLING) for p in SAMPLE_PROMPTS}
@@ -216,6 +239,11 @@ def generation_speed(model, prompt="ROMEO:\n", new_tokens=100) -> dict:
              for name, cached in (("cached", True), ("uncached", False))}
     return {**rates, "new_tokens": new_tokens, "prompt_tokens": len(ids),
             "load_average": round(os.getloadavg()[0], 2)}
+
+
+def quiet_minutes(report, cores=2) -> float:
+    """The training time on ``cores`` idle cores that the measured CPU time per step implies."""
+    return report["settings"]["steps"] * report["cost"]["cpu_seconds_per_step"] / cores / 60
 
 
 def model_card(report) -> str:
@@ -246,7 +274,10 @@ def model_card(report) -> str:
         f"Training took {report['seconds'] / 60:.1f} min on {report['machine']} "
         f"({sessions}), load average during the run "
         f"{min(report['load_average_during_run'])}-{max(report['load_average_during_run'])} "
-        f"(the machine was shared).",
+        f"(the machine was shared). CPU time per step (all processes, measured on "
+        f"{report['cost']['processes']} processes): {report['cost']['cpu_seconds_per_step']:.2f} s, "
+        f"so the {report['settings']['steps']:,} steps need about "
+        f"{quiet_minutes(report):.0f} min on 2 idle cores.",
         "",
         f"Generating {g['new_tokens']} tokens after a {g['prompt_tokens']}-token prompt: "
         f"{g['tokens_per_second_cached']:,.0f} tokens/s with the key/value cache, "

@@ -54,3 +54,22 @@ def test_token_losses_average_to_the_loss():
     per_position = token_losses(model, inputs, targets, batch_size=3)
     assert per_position.shape == (10, 16) and (per_position > 0).all()
     assert per_position.mean() == pytest.approx(lm_loss(model, inputs, targets), rel=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isdir(PRETRAINED_TEXT_DIR), reason="no shipped text base yet")
+def test_readmes_quote_the_shipped_report():
+    """The numbers the README and the model card give are the report's, not retyped ones."""
+    from pretrain_text import REPORT_NAME, model_card
+    root = os.path.dirname(os.path.dirname(os.path.dirname(PRETRAINED_TEXT_DIR)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    _, _, report = load_text_base()
+    v, t, g = report["validation"], report["test"], report["generation"]
+    quoted = [f"{report['parameters']:,} parameters", f"{v['loss']:.3f} nats per character",
+              f"{v['bits_per_char']:.2f} bits", f"perplexity {v['perplexity']:.2f}",
+              f"test split {t['loss']:.3f}", f"{report['seconds'] / 60:.0f} minutes",
+              f"{g['tokens_per_second_cached']:,.0f} tokens/s", f"{g['tokens_per_second_uncached']:,.0f}"]
+    missing = [q for q in quoted if q not in readme]
+    assert not missing, f"README.md should quote {missing} (from pretrained_text/{REPORT_NAME})"
+    with open(os.path.join(PRETRAINED_TEXT_DIR, "README.md"), encoding="utf-8") as f:
+        assert f.read() == model_card(report)
