@@ -128,7 +128,7 @@ METHODS = {
 
 @dataclass(frozen=True)
 class TextSettings:
-    steps: int = 100                 # optimizer steps per run (batch x window tokens each)
+    steps: int = 80                  # optimizer steps per run (batch x window tokens each)
     batch_size: int = 16
     window: int = 64                 # tokens per training / evaluation window (<= context - 10)
     seeds: tuple = (0, 1, 2)
@@ -139,7 +139,7 @@ class TextSettings:
     fraction_methods: tuple = ("full", "lora_all", "ia3")
     fraction_seeds: tuple = (0, 1)
     eval_windows: int = 128                      # fixed windows per split for every loss
-    classify_steps: int = 40
+    classify_steps: int = 30
     classify_seeds: tuple = (0,)
     classify_train: int = 400                    # snippets per author to train on
     classify_test: int = 100                     # held-out snippets per author

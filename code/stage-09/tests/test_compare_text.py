@@ -8,7 +8,8 @@ import pytest
 import compare_text as ct
 from checkpoint import load_model
 from text import corpus_splits, fixed_windows, lm_loss
-from text_report import findings, summarize
+from text_report import (README_MARKERS, choose_learning_rates, findings, readme_with_block,
+                         summarize)
 
 BASE = os.environ.get("PEFT_TEXT_BASE", ct.TEXT_BASE_DIR)
 TOUCH = {"full", "bitfit", "qlora"}          # train or quantize the base's own numbers
@@ -99,3 +100,35 @@ def test_findings_say_what_the_numbers_say():
     learns_more = [_row("full", 1.9, 1.9), _row("lora_all", 1.8, 2.0)]
     text = " ".join(findings(summarize(learns_more, base), [], base))
     assert "learned more than full fine-tuning" in text and "forgot more" in text
+
+
+RESULTS_JSON = os.path.join(ct.RESULTS_DIR, "results.json")
+SWEEP_JSON = os.path.join(ct.RESULTS_DIR, "lr_sweep", "results.json")
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_learning_rates_are_the_validation_sweeps_choice():
+    sweep = _load(SWEEP_JSON)
+    assert all(r["split"] == "validation" for r in sweep["runs"])
+    chosen = choose_learning_rates(sweep)
+    assert set(chosen) == set(ct.METHODS)
+    assert {m: ct.METHODS[m].lr for m in chosen} == chosen
+
+
+def test_readme_opens_with_the_generated_results():
+    results = _load(RESULTS_JSON)
+    with open(os.path.join(ct.ROOT, "README.md")) as f:
+        readme = f.read()
+    assert readme_with_block(readme, results) == readme, \
+        "README's real-text block is stale: python code/stage-09/text_report.py --readme"
+    assert readme.index(README_MARKERS[0]) < readme.index("## Quick start")
+
+
+def test_committed_results_come_from_this_settings_table():
+    meta = _load(RESULTS_JSON)["meta"]
+    assert meta["settings"] == json.loads(json.dumps(ct.asdict(ct.SETTINGS)))
+    assert {m: v["lr"] for m, v in meta["methods"].items()} == {m: s.lr for m, s in ct.METHODS.items()}
