@@ -30,10 +30,11 @@ class LoraMethod(Method):
     def inject(self, peft_model, config: LoraConfig, rng):
         model = peft_model.base_model
         state = AdapterState(config)
-        for path in find_linear_targets(model, config.target_modules, config.layers_to_transform,
-                                        LoRALinear):
+        paths = find_linear_targets(model, config.target_modules, config.layers_to_transform,
+                                    LoRALinear)
+        for path, layer_rng in zip(paths, rng.spawn(len(paths))):   # one stream per layer
             wrapper = wrap_or_reuse(model, path, LoRALinear, LoRALinear.around)
-            state.slots[path] = new_lora_layer(wrapper, config, rng)
+            state.slots[path] = new_lora_layer(wrapper, config, layer_rng)
         if config.bias == "all":
             state.trainable = bias_names(model)
         elif config.bias == "lora_only":
