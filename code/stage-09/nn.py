@@ -67,7 +67,9 @@ class Module:
         """
         if trainable_only is None:
             trainable_only = not self.lists_frozen_parameters
-        return [p for _, p in self.named_parameters(trainable_only=trainable_only)]
+        return [Parameter.of(value, name not in module.frozen)
+                for _, module in self.named_modules() for name, value in module.own_parameters()
+                if not (trainable_only and name in module.frozen)]
 
     def gradients(self, trainable_only: bool | None = None) -> list:
         """``X_grad`` for each array of ``parameters(trainable_only)`` (``None`` if none yet)."""
@@ -171,6 +173,29 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+
+class Parameter(np.ndarray):
+    """What ``Module.parameters()`` returns: a *view* of a parameter array (same memory,
+    so ``p -= lr * g`` updates the model) that also answers PyTorch's two questions,
+    ``p.numel()`` and ``p.requires_grad``, so Hugging Face-style counting code runs::
+
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    ``requires_grad`` is read when the view is made; freeze with ``requires_grad_``.
+    """
+
+    @classmethod
+    def of(cls, array, requires_grad):
+        view = array.view(cls)
+        view.requires_grad = bool(requires_grad)
+        return view
+
+    def __array_finalize__(self, obj):
+        self.requires_grad = False          # results computed from a parameter are not one
+
+    def numel(self) -> int:
+        return self.size
 
 
 class ModuleList(Module):
