@@ -122,8 +122,9 @@ class TrainableTokensWrapper(Module):
         self.base_layer.weight[self.token_adapter.token_indices] = self._saved_rows
         self.merged = False
 
-    def merge_and_unload(self) -> Embedding:
-        """A plain ``Embedding`` holding ``W_eff``."""
+    def merged_linear(self) -> Embedding:
+        """A plain ``Embedding`` holding ``W_eff`` (the name is the wrappers' protocol that
+        ``PeftModel.merge_and_unload`` calls; here the plain module is an embedding)."""
         merged = Embedding(self.num_embeddings, self.dim, dtype=self.base_layer.weight.dtype)
         merged.weight = np.array(self.base_layer.weight if self.merged else self.weight)
         return merged
