@@ -69,13 +69,13 @@ def summarize_classification(rows) -> list[dict]:
 
 
 def format_table(summary, base, split="test") -> str:
-    head = (f"{'method':<16} {'trainable':>9} {'%':>7} {'Alice loss':>14} {'Shakesp. rise':>14} "
+    head = (f"{'method':<16} {'lr':>6} {'trainable':>9} {'%':>7} {'Alice loss':>14} {'Shakesp. rise':>14} "
             f"{'disabled':>9} {'new chars':>9} {'ms/step':>7} {'state KB':>8} {'file KB':>8}")
     lines = [f"base ({split} split): Alice {base[f'alice_{split}']:.3f}, Shakespeare "
              f"{base[f'shakespeare_{split}']:.3f} nats/char", head, "-" * len(head)]
     for s in summary:
         lines.append(
-            f"{s['label']:<16} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
+            f"{s['label']:<16} {s['lr']:>6.0e} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
             f"{s['alice_loss']:>7.3f}±{s['alice_loss_std']:.3f} {s['forgetting']:>+7.3f}±"
             f"{s['forgetting_std']:.3f} {s['disabled_rise']:>+9.3f} {s['new_char_loss']:>9.2f} "
             f"{s['step_ms']:>7.1f} "
