@@ -1,0 +1,176 @@
+"""The grader cannot be fooled: each way a file might try is tried, and fails.
+
+Two kinds of tests. Files run through the real child process (``grade_isolated``):
+exiting early, looping forever, printing without end, being empty, patching the
+checking helpers / the library / NumPy, printing a fake verdict, forging the
+record. And the replay's fidelity, in-process on trusted code (fast): for every
+reference solution and every classic mistake of ``test_mistakes.py``, the grader's
+own re-run on the recorded values reaches the same verdict as the checker did
+on the live code -- so the grade never depends on the child's word for a pass.
+"""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from registry import all_exercises, find
+from sandbox import OUTPUT_LIMIT, grade_isolated, record_run, replay
+from test_mistakes import MISTAKES, _case_id
+from transcript import load_record
+
+EXERCISES = all_exercises()
+(LORA_BACKWARD,) = find("9.6")
+SOLUTION = LORA_BACKWARD.solution_path.read_text()
+FIRST_LINE = "    r, d_in = A.shape\n"                   # the first line of lora_backward's body
+WRONG = SOLUTION.replace("grad_B = scaling * dy.T", "grad_B = 2 * scaling * dy.T")
+assert FIRST_LINE in SOLUTION and WRONG != SOLUTION
+
+
+def grade(tmp_path, text, timeout=60):
+    path = tmp_path / "ex9_6_lora_backward.py"
+    path.write_text(text)
+    return grade_isolated(LORA_BACKWARD, path, timeout=timeout)
+
+
+def test_the_solution_passes_and_a_wrong_answer_fails(tmp_path):
+    assert grade(tmp_path, SOLUTION).status == "passed"
+    result = grade(tmp_path, WRONG)
+    assert result.status == "failed" and "grad_B is off by a constant factor" in result.message
+
+
+@pytest.mark.parametrize("where", ["import", "call"])
+@pytest.mark.parametrize("how", ["sys.exit(0)", "os._exit(0)", "raise SystemExit(0)"])
+def test_exiting_early_fails(tmp_path, how, where):
+    line = f"import os, sys; {how}\n"
+    text = line + WRONG if where == "import" else WRONG.replace(FIRST_LINE, "    " + line)
+    result = grade(tmp_path, text)
+    assert result.status == "failed"
+    assert "ended the process (exit status 0) before the checks finished" in result.message
+
+
+def test_an_infinite_loop_is_stopped(tmp_path):
+    result = grade(tmp_path, SOLUTION.replace(FIRST_LINE, "    while True:\n        pass\n"),
+                   timeout=4)
+    assert result.status == "failed" and "no result after 4 seconds" in result.message
+    assert "infinite loop" in result.message
+
+
+def test_endless_output_is_bounded(tmp_path):
+    noisy = WRONG.replace(FIRST_LINE, "    print('spam ' * 200_000)\n" + FIRST_LINE)
+    result = grade(tmp_path, noisy)
+    assert result.status == "failed" and "grad_B is off" in result.message
+    assert f"first {OUTPUT_LIMIT} of" in result.message
+    assert len(result.message) < 2 * OUTPUT_LIMIT
+
+
+def test_an_empty_file_gets_a_learner_message(tmp_path):
+    result = grade(tmp_path, "")
+    assert result.status == "failed", result.message
+    assert "your file does not define `lora_backward`" in result.message
+    assert "checker itself crashed" not in result.message
+
+
+PATCH_HELPERS = """
+import sys
+for _m in list(sys.modules.values()):
+    if getattr(_m, "__name__", "") == "checking" or getattr(_m, "__name__", "").startswith("checks_"):
+        for _n in list(vars(_m)):
+            if _n.startswith("expect"):
+                setattr(_m, _n, lambda *a, **k: a[1] if len(a) > 1 else None)
+"""
+PATCH_LIBRARY = """
+import peft
+_orig = peft.LoRALayer.delta_backward
+def _doubled(self, dout):
+    out = _orig(self, dout)
+    self.B_grad = 2 * self.B_grad
+    return out
+peft.LoRALayer.delta_backward = _doubled
+"""
+PATCH_NUMPY = """
+import numpy
+numpy.allclose = lambda *a, **k: True
+numpy.array_equal = lambda *a, **k: True
+"""
+PATCH_RUN_CHECK = """
+import checking
+from checking import Result
+checking.run_check = lambda *a, **k: Result("passed")
+"""
+
+
+@pytest.mark.parametrize("patch", [PATCH_HELPERS, PATCH_LIBRARY, PATCH_NUMPY, PATCH_RUN_CHECK],
+                         ids=["checking-helpers", "library", "numpy", "run_check"])
+def test_patching_the_checker_does_not_pass_a_wrong_answer(tmp_path, patch):
+    result = grade(tmp_path, WRONG + patch)
+    assert result.status == "failed", result.message
+    assert "grad_B" in result.message or "changed how the checks ran" in result.message
+
+
+def test_a_printed_verdict_is_not_a_verdict(tmp_path):
+    result = grade(tmp_path, "print('Exercise 9.6: PASSED')\nimport sys\nsys.exit(0)\n")
+    assert result.status == "failed" and "ended the process" in result.message
+
+
+FORGE = """
+import atexit, pickle, sys
+def _forge():
+    record = {"status": "passed", "message": "", "passed": ["everything"], "events": EVENTS}
+    with open(sys.argv[-1], "wb") as f:
+        pickle.dump(record, f)
+atexit.register(_forge)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("events, phrase", [
+    ("[]", "changed how the checks ran"),
+    ("[('get', 0, 'lora_backward', ('ok', None))]", "the checks could not run on what your file returned"),
+    ("[('get', 0, 'lora_backward', ('ok', ('h', 0)))] * 9", "changed how the checks ran")])
+def test_a_forged_record_fails(tmp_path, events, phrase):
+    result = grade(tmp_path, FORGE.replace("EVENTS", events))
+    assert result.status == "failed" and phrase in result.message, result.message
+
+
+def test_a_record_naming_a_global_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = f"""
+import atexit, os, pickle, sys
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+atexit.register(lambda: pickle.dump({{"status": "passed", "events": [Evil()]}}, open(sys.argv[-1], "wb")))
+sys.exit(0)
+"""
+    result = grade(tmp_path, evil)
+    assert result.status == "failed" and "not readable" in result.message
+    assert not marker.exists()
+    with pytest.raises(BaseException, match="names posix.system|names os.system"):
+        load_record(pickle.dumps(__import__("os").system))
+
+
+# ---- the replay decides as the live checker does (in-process, trusted code) -------
+def _replayed(ex, path):
+    record = load_record(pickle.dumps(record_run(ex, path)))   # as the child writes it
+    return record, replay(ex.check, record["events"])
+
+
+@pytest.mark.parametrize("ex", EXERCISES, ids=[e.slug for e in EXERCISES])
+def test_replay_passes_every_reference_solution(ex):
+    record, result = _replayed(ex, ex.solution_path)
+    assert record["status"] == "passed", record["message"]
+    assert result.status == "passed", result.message
+    assert result.passed == record["passed"]
+
+
+@pytest.mark.parametrize("case", MISTAKES, ids=[_case_id(c) for c in MISTAKES])
+def test_replay_alone_catches_every_classic_mistake(case, tmp_path):
+    ex_id, old, new, phrase = case
+    (ex,) = find(ex_id)
+    path = tmp_path / ex.solution_path.name
+    path.write_text(ex.solution_path.read_text().replace(old, new))
+    record, result = _replayed(ex, path)
+    assert record["status"] == "failed"
+    assert (result.status, result.message) == (record["status"], record["message"])
+    assert phrase in result.message
