@@ -174,3 +174,17 @@ def test_replay_alone_catches_every_classic_mistake(case, tmp_path):
     assert record["status"] == "failed"
     assert (result.status, result.message) == (record["status"], record["message"])
     assert phrase in result.message
+
+
+def test_the_record_cannot_name_a_dangerous_function():
+    import numpy as np
+
+    from transcript import Decoder, Divergence
+    dec = Decoder(None)
+    for enc in [("f", "builtins", "eval"), ("f", "builtins", "open"), ("f", "numpy", "save"),
+                ("f", "numpy", "load"), ("f", "checkpoint", "save_model"), ("c", "os", "PathLike"),
+                ("f", "peft", "np.save"), ("c", "subprocess", "Popen"), ("f", "numpy._core", "x")]:
+        with pytest.raises(Divergence):
+            dec.decode(enc)
+    assert dec.decode(("f", "numpy", "tanh")) is np.tanh
+    assert dec.decode(("c", "numpy", "float64")) is np.float64

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import inspect
 import io
 import pickle
 import traceback
@@ -41,6 +42,10 @@ import numpy as np
 LIBRARY_DIR = Path(__file__).resolve().parent.parent / "code" / "stage-09"
 LIBRARY_MODULES = frozenset(p.stem for p in LIBRARY_DIR.glob("*.py"))
 FUNCTION_MODULES = LIBRARY_MODULES | {"numpy", "math", "builtins"}
+# never handed to the checker by name from a record: modules that read or write files
+UNSAFE_NAMES = {"checkpoint", "peft_io", "hf_export", "compare", "report", "viz", "bench",
+                "bench_peft", "pretrain", "torch_reference", "data_parallel", "os", "sys",
+                "subprocess", "shutil", "pickle", "io"}
 MAX_RECORD_BYTES = 64 * 2 ** 20
 
 
@@ -164,14 +169,23 @@ def load_record(data: bytes):
 
 
 def _resolve(module: str, qualname: str):
-    top = module.split(".")[0]
-    if top not in FUNCTION_MODULES:
-        raise Divergence(f"{module}.{qualname} is not a library or NumPy name")
+    """A library or NumPy class or function by name (never one that touches files,
+    never a builtin function such as ``eval`` or ``open``)."""
+    parts = module.split(".")
+    if parts[0] not in FUNCTION_MODULES or UNSAFE_NAMES & set(parts) or \
+            any(p.startswith("_") and p not in ("_core",) for p in parts[1:]):
+        raise Divergence(f"{module}.{qualname} is not a name the record may carry")
     obj = importlib.import_module(module)
     for part in qualname.split("."):
-        if part.startswith("__") or part == "<locals>":
+        if part.startswith("__") or part == "<locals>" or part in UNSAFE_NAMES:
             raise Divergence(f"cannot resolve {module}.{qualname}")
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
+    owner = getattr(obj, "__module__", None)
+    if isinstance(obj, np.ufunc):
+        return obj
+    if not (isinstance(obj, type) or inspect.isfunction(obj) and parts[0] in LIBRARY_MODULES) \
+            or owner != module:
+        raise Divergence(f"{module}.{qualname} is not a name the record may carry")
     return obj
 
 
