@@ -145,3 +145,14 @@ def test_readme_lists_every_exercise():
     readme = (make_stubs.EXERCISES_DIR / "README.md").read_text()
     missing = [e.slug for e in EXERCISES if f"`{e.slug}.py`" not in readme]
     assert not missing, f"exercises/README.md does not list {missing}"
+
+
+def test_answers_quote_the_numbers_the_nf4_checker_prints():
+    import re
+
+    import make_answers
+    (ex,) = [e for e in EXERCISES if e.id == "9.21"]
+    result = check.grade(ex, solutions=True, isolated=False)
+    (line,) = [p for p in result.passed if "mean error" in p]
+    nf4_err, int4_err = re.search(r"mean error (\S+) vs (\S+) for", line).groups()
+    assert f"error of {nf4_err} against {int4_err}" in " ".join(make_answers.ANSWERS.read_text().split())
