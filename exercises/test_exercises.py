@@ -156,3 +156,17 @@ def test_answers_quote_the_numbers_the_nf4_checker_prints():
     (line,) = [p for p in result.passed if "mean error" in p]
     nf4_err, int4_err = re.search(r"mean error (\S+) vs (\S+) for", line).groups()
     assert f"error of {nf4_err} against {int4_err}" in " ".join(make_answers.ANSWERS.read_text().split())
+
+
+def test_readme_example_is_what_the_checker_prints(tmp_path):
+    """exercises/README.md opens with a report: the checker's real output for 9.6 with
+    the scaling forgotten in grad_B."""
+    import re
+    (ex,) = [e for e in EXERCISES if e.id == "9.6"]
+    path = tmp_path / ex.solution_path.name
+    source = ex.solution_path.read_text()
+    path.write_text(source.replace("grad_B = scaling * dy.T", "grad_B = dy.T"))
+    report = check.report(ex, check.grade(ex, path=path, isolated=False), path)
+    readme = (make_stubs.EXERCISES_DIR / "README.md").read_text()
+    example = re.search(r"```\n(Exercise 9\.6 .*?)\n```", readme, re.S).group(1)
+    assert example == report
