@@ -47,6 +47,7 @@ from transcript import Decoder, Divergence, Encoder, describe_exception, load_re
 
 TIMEOUT = float(os.environ.get("EXERCISE_TIMEOUT", 120))
 OUTPUT_LIMIT = 16_000
+MEMORY_LIMIT = 4 * 2 ** 30               # bytes of address space for the learner's process
 KINDS = (Exception, SystemExit, KeyboardInterrupt)
 
 
@@ -196,8 +197,19 @@ def record_run(ex, path: Path) -> dict:
             "events": rec.events if rec is not None else []}
 
 
+def limit_resources() -> None:
+    """Before the learner's code runs: memory, file size and CPU time caps it cannot raise."""
+    import resource
+    for which, value in ((resource.RLIMIT_AS, MEMORY_LIMIT), (resource.RLIMIT_FSIZE, 2 * 2 ** 27),
+                         (resource.RLIMIT_CPU, int(TIMEOUT) + 30)):
+        soft, hard = resource.getrlimit(which)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+
+
 def child_main(ex_id: str, path: str, record_path: str) -> None:
     from registry import find
+    limit_resources()
     (ex,) = find(ex_id)
     record = record_run(ex, Path(path))
     tmp = record_path + ".part"
@@ -345,14 +357,19 @@ def run_child(ex, path: Path, timeout: float = TIMEOUT):
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            code = None
+        finally:
+            try:                                    # the child and anything it started
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
-            reader.join(5)
+        reader.join(5)
+        if code is None:
             printed = _printed(keep, counter[0])
             return Result("failed", f"no result after {timeout:g} seconds, so the check was "
                           "stopped: is there an infinite loop (a `while` whose condition never "
                           "turns false) or a very slow loop in your file?" + printed), printed
-        reader.join(5)
         printed = _printed(keep, counter[0])
         if not record_path.exists():
             why = ("your file ended the process (exit status 0) before the checks finished: "

@@ -188,3 +188,21 @@ def test_the_record_cannot_name_a_dangerous_function():
             dec.decode(enc)
     assert dec.decode(("f", "numpy", "tanh")) is np.tanh
     assert dec.decode(("c", "numpy", "float64")) is np.float64
+
+
+def test_a_memory_hog_fails_with_a_message(tmp_path):
+    # np.empty only reserves address space: without the limit this allocation would succeed
+    # (and the test fail) without touching 8 GB of the machine's memory
+    hog = SOLUTION.replace(FIRST_LINE, "    hog = np.empty(2 ** 30)\n" + FIRST_LINE)
+    result = grade(tmp_path, hog)
+    assert result.status == "failed" and "MemoryError" in result.message, result.message
+
+
+def test_processes_the_file_starts_are_stopped(tmp_path):
+    marker = tmp_path / "still-running"
+    later = f"import time, pathlib; time.sleep(3); pathlib.Path({str(marker)!r}).touch()"
+    spawn = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {later!r}])\n"
+    assert grade(tmp_path, spawn + SOLUTION).status == "passed"
+    import time
+    time.sleep(4)
+    assert not marker.exists()
