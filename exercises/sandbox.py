@@ -2,7 +2,7 @@
 
     grade_isolated(ex, path)  ->  Result
 
-1. A child process (``python -I sandbox.py --child 9.6 FILE RECORD``) loads the
+1. A child process (``python -I recorder.py --child 9.6 FILE RECORD``) loads the
    learner's file and runs the exercise's checker on it, with the module and
    every object it hands out wrapped in ``Recorder`` proxies. It writes a record:
    the checker's verdict and everything the learner's code gave the checker.
@@ -28,13 +28,11 @@ learner's code returns is checked by the grader's own code.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,180 +40,10 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from checking import Result, run_check  # noqa: E402
-from transcript import Decoder, Divergence, Encoder, describe_exception, load_record, \
-    rebuild_exception  # noqa: E402
+from recorder import TIMEOUT  # noqa: E402
+from transcript import Decoder, Divergence, leaves, load_record, rebuild_exception  # noqa: E402
 
-TIMEOUT = float(os.environ.get("EXERCISE_TIMEOUT", 120))
 OUTPUT_LIMIT = 16_000
-MEMORY_LIMIT = 4 * 2 ** 30               # bytes of address space for the learner's process
-KINDS = (Exception, SystemExit, KeyboardInterrupt)
-
-
-def _walk(value, path=()):
-    """(path, leaf) for the arrays, generators and library objects inside call arguments."""
-    import numpy as np
-    from transcript import LIBRARY_MODULES
-    if isinstance(value, (np.ndarray, np.random.Generator)) or \
-            type(value).__module__ in LIBRARY_MODULES and hasattr(value, "__dict__"):
-        yield path, value
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _walk(v, path + (i,))
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, (str, int)):
-                yield from _walk(v, path + (k,))
-
-
-# ---------------------------------------------------------------- child: recording
-class Recorder:
-    """Wraps the learner's module; every crossing from its code to the checker is recorded."""
-
-    def __init__(self, module, path: Path):
-        self.enc = Encoder(module.__name__)
-        self.path = str(path)
-        self.events: list = []
-        self.proxies: dict[int, Proxy] = {}
-        self.watched: dict[int, tuple] = {}        # oid -> (array, snapshot)
-        self.root = self.wrap(module)
-
-    def wrap(self, value):
-        from transcript import _is_learner
-        if isinstance(value, Proxy):
-            return value
-        if _is_learner(value, self.enc.learner) or isinstance(value, types.ModuleType) \
-                and value.__name__ == self.enc.learner:
-            hid = self.enc.handle(value)
-            if hid not in self.proxies:
-                self.proxies[hid] = Proxy(self, hid)
-            return self.proxies[hid]
-        if isinstance(value, tuple) and any(self._needs(v) for v in value):
-            return tuple(self.wrap(v) for v in value)
-        if isinstance(value, list) and any(self._needs(v) for v in value):
-            return [self.wrap(v) for v in value]
-        if isinstance(value, dict) and any(self._needs(v) for v in value.values()):
-            return {k: self.wrap(v) for k, v in value.items()}
-        return value
-
-    def _needs(self, value) -> bool:
-        from transcript import _is_learner
-        return _is_learner(value, self.enc.learner) or isinstance(value, (tuple, list, dict)) \
-            and any(self._needs(v) for v in (value.values() if isinstance(value, dict) else value))
-
-    def unwrap(self, value):
-        if isinstance(value, Proxy):
-            return self.enc.objects[object.__getattribute__(value, "_hid")]
-        if isinstance(value, (tuple, list)) and any(isinstance(v, (Proxy, tuple, list, dict)) for v in value):
-            return type(value)(self.unwrap(v) for v in value)
-        if isinstance(value, dict) and any(isinstance(v, (Proxy, tuple, list, dict)) for v in value.values()):
-            return {k: self.unwrap(v) for k, v in value.items()}
-        return value
-
-    def register(self, args) -> tuple[list, list]:
-        """Bind the checker's objects inside ``args`` to oids; return (bindings, objects)."""
-        import numpy as np
-        regs, objs = [], []
-        for path, leaf in _walk(args):
-            oid = self.enc.oid(leaf)
-            regs.append((path, oid))
-            if isinstance(leaf, np.ndarray):
-                self.watched.setdefault(oid, (leaf, leaf.copy()))
-            else:
-                objs.append(leaf)
-        return regs, objs
-
-    def updates(self, objs) -> list:
-        import numpy as np
-        out = []
-        for oid, (arr, snap) in list(self.watched.items()):
-            if arr.shape != snap.shape or not np.array_equal(arr, snap, equal_nan=arr.dtype.kind in "fc"):
-                out.append(self.enc.encode(arr))
-                self.watched[oid] = (arr, arr.copy())
-        return out + [self.enc.encode(o) for o in objs]
-
-    def outcome(self, fn):
-        try:
-            value = fn()
-        except KINDS as exc:
-            return ("err", describe_exception(exc, self.path)), exc
-        return ("ok", self.enc.encode(value)), value
-
-
-class Proxy:
-    """The checker's view of one of the learner's objects, in the child."""
-    __slots__ = ("_rec", "_hid")
-
-    def __init__(self, rec: Recorder, hid: int):
-        object.__setattr__(self, "_rec", rec)
-        object.__setattr__(self, "_hid", hid)
-
-    def _target(self):
-        return self._rec.enc.objects[self._hid]
-
-    def __getattr__(self, name):
-        rec = object.__getattribute__(self, "_rec")
-        result, value = rec.outcome(lambda: getattr(self._target(), name))
-        rec.events.append(("get", self._hid, name, result))
-        if result[0] == "err":
-            raise value
-        return rec.wrap(value)
-
-    @property
-    def __dict__(self):
-        return self.__getattr__("__dict__")
-
-    def __setattr__(self, name, value):
-        rec = self._rec
-        raw = rec.unwrap(value)
-        regs, _ = rec.register((raw,))
-        setattr(self._target(), name, raw)
-        rec.events.append(("set", self._hid, name, regs))
-
-    def __call__(self, *args, **kwargs):
-        rec = self._rec
-        raw_args, raw_kwargs = rec.unwrap(args), rec.unwrap(kwargs)
-        regs, objs = rec.register((raw_args, raw_kwargs))
-        result, value = rec.outcome(lambda: self._target()(*raw_args, **raw_kwargs))
-        rec.events.append(("call", self._hid, regs, result, rec.updates(objs)))
-        if result[0] == "err":
-            raise value
-        return rec.wrap(value)
-
-
-def record_run(ex, path: Path) -> dict:
-    """Run ``ex``'s checker on ``path`` through ``Recorder`` proxies -> the record (the
-    child's job; the tests also call it in-process on trusted files)."""
-    holder = {}
-
-    def wrap(module):
-        holder["rec"] = Recorder(module, Path(path))
-        return holder["rec"].root
-
-    result = run_check(ex.check, Path(path), f"learner_{ex.slug}", wrap=wrap)
-    rec = holder.get("rec")
-    return {"status": result.status, "message": result.message, "passed": list(result.passed),
-            "events": rec.events if rec is not None else []}
-
-
-def limit_resources() -> None:
-    """Before the learner's code runs: memory, file size and CPU time caps it cannot raise."""
-    import resource
-    for which, value in ((resource.RLIMIT_AS, MEMORY_LIMIT), (resource.RLIMIT_FSIZE, 2 * 2 ** 27),
-                         (resource.RLIMIT_CPU, int(TIMEOUT) + 30)):
-        soft, hard = resource.getrlimit(which)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
-
-
-def child_main(ex_id: str, path: str, record_path: str) -> None:
-    from registry import find
-    limit_resources()
-    (ex,) = find(ex_id)
-    record = record_run(ex, Path(path))
-    tmp = record_path + ".part"
-    with open(tmp, "wb") as f:
-        pickle.dump(record, f, protocol=4)
-    os.replace(tmp, record_path)
 
 
 # ---------------------------------------------------------------- parent: replaying
@@ -251,7 +79,7 @@ class Replayer:
     def bind(self, regs, args) -> None:
         if not isinstance(regs, list):
             raise Divergence("malformed bindings")
-        found = dict(_walk(args))
+        found = dict(leaves(args))
         for item in regs:
             if not (isinstance(item, tuple) and len(item) == 2 and item[0] in found):
                 raise Divergence("the arguments differ between the two runs")
@@ -347,7 +175,7 @@ def run_child(ex, path: Path, timeout: float = TIMEOUT):
         record_path = Path(tmp) / "record.pkl"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-        proc = subprocess.Popen([sys.executable, "-I", str(Path(__file__).resolve()), "--child",
+        proc = subprocess.Popen([sys.executable, "-I", str(HERE / "recorder.py"), "--child",
                                  ex.id, str(path), str(record_path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
@@ -402,10 +230,3 @@ def grade_isolated(ex, path: Path, timeout: float = TIMEOUT) -> Result:
             if isinstance(record.get("passed"), list) else []
         return Result(status, message + ("" if status == "not_implemented" else printed), passed)
     return replay(ex.check, record.get("events"))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child_main(*sys.argv[2:])
-    else:
-        sys.exit("usage: sandbox.py --child EXERCISE FILE RECORD (started by check.py)")

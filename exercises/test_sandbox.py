@@ -15,7 +15,8 @@ import pickle
 import pytest
 
 from registry import all_exercises, find
-from sandbox import OUTPUT_LIMIT, grade_isolated, record_run, replay
+from recorder import record_run
+from sandbox import OUTPUT_LIMIT, grade_isolated, replay
 from test_mistakes import MISTAKES, _case_id
 from transcript import load_record
 

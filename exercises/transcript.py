@@ -67,6 +67,21 @@ def _is_learner(value, learner: str) -> bool:
     return callable(value) and top not in FUNCTION_MODULES and not isinstance(value, np.generic)
 
 
+def leaves(value, path=()):
+    """``(path, leaf)`` for the arrays, generators and library objects inside call arguments:
+    the objects of the checker's that the learner's code may change in place."""
+    if isinstance(value, (np.ndarray, np.random.Generator)) or \
+            type(value).__module__ in LIBRARY_MODULES and hasattr(value, "__dict__"):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from leaves(v, path + (i,))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, (str, int)):
+                yield from leaves(v, path + (k,))
+
+
 # ---------------------------------------------------------------- the child's side
 class Encoder:
     """Turns values into plain data; remembers oids (identity) and learner handles."""
