@@ -207,3 +207,34 @@ def test_processes_the_file_starts_are_stopped(tmp_path):
     import time
     time.sleep(4)
     assert not marker.exists()
+
+
+def test_values_survive_the_record():
+    import numpy as np
+
+    from transcript import Decoder, Encoder
+    gen = np.random.default_rng(3)
+    gen.standard_normal(5)
+    values = [None, True, 3, 2.5, 1 + 2j, "s", b"b", np.float64(0.1), np.float32(0.2),
+              np.int64(7), np.bool_(True), np.dtype("float32"), (1, [2, {"k": (3,)}]), {4, 5},
+              np.arange(6.0).reshape(2, 3), np.arange(4, dtype=np.uint8), gen, np.float64]
+    encoded = pickle.dumps(Encoder("learner").encode(values))
+    decoded = Decoder(None).decode(load_record(encoded))
+    for before, after in zip(values, decoded):
+        if isinstance(before, np.ndarray):
+            assert after.dtype == before.dtype and np.array_equal(after, before)
+        elif isinstance(before, np.random.Generator):
+            assert after.standard_normal(3).tolist() == before.standard_normal(3).tolist()
+        else:
+            assert type(after) is type(before) and after == before, (before, after)
+
+
+def test_numpy_scalars_from_the_learner_are_graded(tmp_path):
+    (ex,) = find("9.21")
+    source = ex.solution_path.read_text()
+    assert source.count("    return 4 + 32 / blocksize\n") == 1
+    path = tmp_path / ex.solution_path.name
+    path.write_text(source.replace("    return 4 + 32 / blocksize\n",
+                                   "    return np.float64(4 + 32 / blocksize)\n"))
+    result = grade_isolated(ex, path)
+    assert result.status == "passed", result.message

@@ -18,7 +18,7 @@ lookup at all (``load_record`` refuses every global):
     ("o", oid, module, qualname, [(attr, value), ...])      an object of a library class
     ("g", oid, state)             np.random.Generator      ("f"|"c", module, qualname) library function / class
     ("h", hid)                    the learner's object     ("r", oid) an object met earlier in this value
-    ("x", type name)              anything else (opaque)
+    ("j", real, imag)             complex                  ("x", type name)            anything else (opaque)
 
 ``oid`` keeps identity: the same child object always has the same oid, and the
 parent maps it to one object, updated in place each time it is met again. The
@@ -110,8 +110,10 @@ class Encoder:
     def encode(self, value, _seen=None):
         seen = set() if _seen is None else _seen
         enc = lambda v: self.encode(v, seen)  # noqa: E731
-        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-            return value
+        if value is None or type(value) in (bool, int, float, str, bytes):
+            return value                    # exactly these types: np.float64 is a float too
+        if type(value) is complex:
+            return ("j", value.real, value.imag)
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 return ("x", "ndarray of Python objects")
@@ -131,6 +133,8 @@ class Encoder:
             return (tag, [enc(v) for v in value])
         if isinstance(value, dict):
             return ("d", [(enc(k), enc(v)) for k, v in value.items()])
+        if isinstance(value, (type({}.keys()), type({}.values()), type({}.items()), range)):
+            return ("l", [enc(v) for v in value])       # read as a list on the other side
         if isinstance(value, np.random.Generator):
             return ("g", self.oid(value), enc(value.bit_generator.state))
         if _is_learner(value, self.learner):
@@ -215,7 +219,7 @@ class Decoder:
         self.objects[oid] = obj
 
     def decode(self, enc, hint=None):
-        if enc is None or isinstance(enc, (bool, int, float, complex, str, bytes)):
+        if enc is None or type(enc) in (bool, int, float, str, bytes):
             return enc
         if not isinstance(enc, tuple) or not enc or not isinstance(enc[0], str):
             raise Divergence(f"malformed value {type(enc).__name__}")
@@ -231,6 +235,8 @@ class Decoder:
                 key = self.decode(k)
                 out[key] = self.decode(v, hint.get(key) if isinstance(hint, dict) else None)
             return out
+        if tag == "j":
+            return complex(float(enc[1]), float(enc[2]))
         if tag == "a":
             return self._array(*enc[1:], hint=hint)
         if tag == "v":
@@ -324,7 +330,8 @@ class Opaque:
         self.kind = kind
 
     def __repr__(self) -> str:
-        return f"<a {self.kind} object>"
+        return f"<a {self.kind} object, which the grader cannot read: return arrays, numbers, " \
+               "strings, lists, tuples or dicts>"
 
 
 def rebuild_exception(info: dict) -> BaseException:
