@@ -168,7 +168,7 @@ def limit_resources() -> None:
 
 
 def child_main(ex_id: str, path: str, record_path: str) -> None:
-    from registry import find
+    from catalog import find
     limit_resources()
     (ex,) = find(ex_id)
     record = record_run(ex, Path(path))

@@ -14,7 +14,7 @@ import pickle
 
 import pytest
 
-from registry import all_exercises, find
+from catalog import all_exercises, find
 from recorder import record_run
 from sandbox import OUTPUT_LIMIT, grade_isolated, replay
 from test_mistakes import MISTAKES, _case_id
