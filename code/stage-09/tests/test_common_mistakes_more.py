@@ -258,6 +258,18 @@ def test_22_forgetting_zero_grad_accumulates():
     np.testing.assert_allclose(grad_after(3, True), once, rtol=1e-12)        # the fix
     assert np.abs(once).max() > 1e-6
 
+    rng = np.random.default_rng(0)                          # the course's standalone layer sets
+    W, x, G = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
+    lora = LoRALayer(4, 5, rank=2, alpha=4.0, rng=rng, dtype=np.float64)
+    lora.B = rng.standard_normal((5, 2))
+    grads = []
+    for _ in range(3):                                      # the course's loop: no zeroing
+        lora.forward(x, W)
+        lora.backward(G)
+        grads.append(lora.A_grad.copy())
+    assert np.abs(grads[0]).max() > 1e-6
+    np.testing.assert_array_equal(grads[2], grads[0])       # the same gradient every time
+
 
 # ==== 23. data-parallel training in a script without a main guard ======================
 def test_23_data_parallel_script_needs_a_main_guard(tmp_path):
