@@ -23,7 +23,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from checking import run_check  # noqa: E402
-from transcript import Encoder, _is_learner, describe_exception, leaves  # noqa: E402
+from transcript import Encoder, Forwarding, _is_learner, describe_exception, leaves  # noqa: E402
 
 TIMEOUT = float(os.environ.get("EXERCISE_TIMEOUT", 120))
 MEMORY_LIMIT = 4 * 2 ** 30               # bytes of address space for the learner's process
@@ -101,7 +101,7 @@ class Recorder:
         return ("ok", self.enc.encode(value)), value
 
 
-class Proxy:
+class Proxy(Forwarding):
     """The checker's view of one of the learner's objects, in the child."""
     __slots__ = ("_rec", "_hid")
 

@@ -41,7 +41,8 @@ if str(HERE) not in sys.path:
 
 from checking import Result, run_check  # noqa: E402
 from recorder import TIMEOUT  # noqa: E402
-from transcript import Decoder, Divergence, leaves, load_record, rebuild_exception  # noqa: E402
+from transcript import Decoder, Divergence, Forwarding, leaves, load_record, \
+    rebuild_exception  # noqa: E402
 
 OUTPUT_LIMIT = 16_000
 
@@ -98,7 +99,7 @@ class Replayer:
         return self.pos == len(self.events)
 
 
-class ReplayObject:
+class ReplayObject(Forwarding):
     """The checker's view of one of the learner's objects, in the grader's process."""
     __slots__ = ("_rep", "_hid")
 

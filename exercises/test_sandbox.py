@@ -238,3 +238,29 @@ def test_numpy_scalars_from_the_learner_are_graded(tmp_path):
                                    "    return np.float64(4 + 32 / blocksize)\n"))
     result = grade_isolated(ex, path)
     assert result.status == "passed", result.message
+
+
+def test_len_indexing_and_membership_of_a_learner_object_replay(tmp_path):
+    """A checker may use len(), [] and `in` on the learner's objects."""
+    from registry import Exercise
+
+    from checking import expect
+    source = ("class Bag:\n    def __init__(self, items):\n        self.items = list(items)\n"
+              "    def __len__(self):\n        return len(self.items)\n"
+              "    def __getitem__(self, i):\n        return self.items[i]\n"
+              "    def __contains__(self, x):\n        return x in self.items\n")
+
+    def check(mod, t):
+        bag = mod.Bag([3, 1, 2])
+        expect(len(bag) == 3 and bag[1] == 1 and 2 in bag and 7 not in bag, "a Bag")
+        t.ok("len, [] and in")
+
+    ex = Exercise("0.1", "ex0_1_bag", "a bag", "ours", check)
+    path = tmp_path / "ex0_1_bag.py"
+    path.write_text(source)
+    record = load_record(pickle.dumps(record_run(ex, path)))
+    assert record["status"] == "passed", record["message"]
+    assert replay(check, record["events"]).status == "passed"
+    path.write_text(source.replace("return len(self.items)", "return 4"))
+    record = load_record(pickle.dumps(record_run(ex, path)))
+    assert replay(check, record["events"]).status == "failed"

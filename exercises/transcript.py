@@ -82,6 +82,22 @@ def leaves(value, path=()):
                 yield from leaves(v, path + (k,))
 
 
+class Forwarding:
+    """For the proxies of both sides: Python looks special methods up on the class, so
+    the common ones are forwarded as an attribute read and a call, which the child
+    records and the parent replays alike. (Attributes and ``__dict__``: the proxies.)"""
+    __slots__ = ()
+
+    def __len__(self):
+        return self.__getattr__("__len__")()
+
+    def __getitem__(self, key):
+        return self.__getattr__("__getitem__")(key)
+
+    def __contains__(self, item):
+        return self.__getattr__("__contains__")(item)
+
+
 # ---------------------------------------------------------------- the child's side
 class Encoder:
     """Turns values into plain data; remembers oids (identity) and learner handles."""
