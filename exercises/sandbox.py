@@ -20,10 +20,14 @@
    the replay either fails on the recorded (wrong) values, or asks for a value
    the record does not have (``Divergence``: the runs differed).
 
-What the replay cannot see: effects that never cross the proxies, such as an
-array the learner's object shares with one the checker mutates later. Those
-checks run in the child only; a hostile file can skip them, but every value the
-learner's code returns is checked by the grader's own code.
+What crosses besides return values: every array the checker handed the learner's
+code is watched, and its new contents travel with the next event in which it
+changed; a library object passed as an argument comes back as it is after the
+call; a view the learner's code keeps of a checker's array is rebuilt as a view
+of the grader's copy. What the replay cannot see: a library object (not an
+array) the checker handed over in an earlier call and the learner's code
+changes later. Checks of that kind run in the child only, where a hostile file
+could skip them; every value the learner's code returns is checked here.
 """
 from __future__ import annotations
 
