@@ -264,3 +264,31 @@ def test_len_indexing_and_membership_of_a_learner_object_replay(tmp_path):
     path.write_text(source.replace("return len(self.items)", "return 4"))
     record = load_record(pickle.dumps(record_run(ex, path)))
     assert replay(check, record["events"]).status == "failed"
+
+
+def test_other_correct_styles_pass(tmp_path):
+    """A namedtuple for the gradients, and properties for A and B, are as good as the
+    solution's plain tuple and attributes."""
+    named = SOLUTION.replace("    return grad_A, grad_B, grad_x",
+                             "    from collections import namedtuple\n"
+                             "    return namedtuple('Grads', 'A B x')(grad_A, grad_B, grad_x)")
+    assert named != SOLUTION and grade(tmp_path, named).status == "passed"
+    (ex,) = find("9.5")
+    source = ex.solution_path.read_text()
+    props = source + '''
+
+class _Factors(LoRALayer):
+    """The same layer, its factors kept in a dict behind properties."""
+    def __init__(self, *args, **kwargs):
+        object.__setattr__(self, "_f", {})
+        super().__init__(*args, **kwargs)
+
+    A = property(lambda self: self._f["A"], lambda self, v: self._f.__setitem__("A", v))
+    B = property(lambda self: self._f["B"], lambda self, v: self._f.__setitem__("B", v))
+
+
+LoRALayer = _Factors
+'''
+    path = tmp_path / ex.solution_path.name
+    path.write_text(props)
+    assert grade_isolated(ex, path).status == "passed"

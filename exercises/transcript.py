@@ -57,6 +57,9 @@ class Divergence(BaseException):
 def _is_learner(value, learner: str) -> bool:
     """An object the checker must not see directly: the learner's functions, classes
     and instances (or anything from a module that is neither NumPy nor the library)."""
+    if isinstance(value, (tuple, list, dict, set, frozenset, np.ndarray, np.generic, int, float,
+                          complex, str, bytes)):
+        return False                        # data, even of a class of the learner's (namedtuple)
     kind = value if isinstance(value, type) else type(value)
     module = getattr(kind, "__module__", "") or ""
     if callable(value) and not isinstance(value, type):
@@ -144,8 +147,8 @@ class Encoder:
             return ("n", value.dtype.str, np.asarray(value).tobytes())
         if isinstance(value, np.dtype):
             return ("n", "dtype", value.str.encode())
-        if isinstance(value, (tuple, list, set, frozenset)):
-            tag = {tuple: "t", list: "l"}.get(type(value), "s")
+        if isinstance(value, (tuple, list, set, frozenset)):   # subclasses too (namedtuple)
+            tag = "t" if isinstance(value, tuple) else "l" if isinstance(value, list) else "s"
             return (tag, [enc(v) for v in value])
         if isinstance(value, dict):
             return ("d", [(enc(k), enc(v)) for k, v in value.items()])
