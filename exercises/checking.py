@@ -215,14 +215,15 @@ def expect_tuple(function: str, out, fields: str) -> tuple:
     return out
 
 
-def expect_raises(exc_types, fn, message: str) -> None:
-    """``fn()`` must raise one of ``exc_types`` (input validation a learner wrote)."""
+def expect_raises(exc_types, fn, message: str) -> BaseException:
+    """``fn()`` must raise one of ``exc_types`` (input validation a learner wrote); returns
+    the exception, whose message a checker may inspect."""
     try:
         fn()
     except NotImplementedError:
         raise
-    except exc_types:
-        return
+    except exc_types as exc:
+        return exc
     except Exception as exc:  # noqa: BLE001
         raise ExerciseFailure(f"{message} (it raised {type(exc).__name__}: {exc})") from None
     raise ExerciseFailure(message + " (nothing was raised)")

@@ -134,7 +134,10 @@ def check_prompt_tuning(mod, t):
         (np.concatenate([x, expected[:, :P]], axis=1), "the prompt goes first, before the tokens")])
     expect_raises(ValueError, lambda: pt.forward(x[0]),
                   "forward of a 2-D input (seq, d) should raise ValueError (expects (batch, seq, d))")
-    t.ok("forward: (batch, P + seq, d), prompt first; rejects a 2-D input")
+    expect_raises(ValueError, lambda: pt.forward(randn(rng, 2, 4, d + 1)),
+                  f"forward of a (2, 4, {d + 1}) input should raise ValueError: its last axis is "
+                  f"not d_model = {d}")
+    t.ok("forward: (batch, P + seq, d), prompt first; rejects a 2-D input and a wrong width")
 
     G = randn(rng, 2, P + 4, d)
     dx = pt.backward(G.copy())

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from checking import (ExerciseFailure, expect, expect_close, expect_equal, expect_grad,
@@ -196,8 +198,11 @@ def check_lora_attention(mod, t):
     originals = {k: w.copy() for k, w in weights.items()}
     make = lambda targets: mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H, rank=r,  # noqa: E731
                                              alpha=alpha, target_modules=targets)
-    expect_raises(ValueError, lambda: make(["q", "x"]), "target_modules=['q', 'x'] should raise "
-                  "ValueError (valid targets: q, k, v, o)")
+    err = expect_raises(ValueError, lambda: make(["q", "x"]), "target_modules=['q', 'x'] should "
+                        "raise ValueError (valid targets: q, k, v, o)")
+    named = set(re.findall(r"\b[qkvo]\b", str(err)))
+    expect(named == set("qkvo"), f"the ValueError for target_modules=['q', 'x'] should name the "
+           f"valid choices q, k, v and o (the docstring asks for it); yours says: {str(err)[:200]!r}")
     default = mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H)
     expect_equal("the default target_modules", sorted(default.lora_A), ["q", "v"])
     t.ok("validates target_modules; the default targets are q and v")

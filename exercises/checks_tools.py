@@ -62,6 +62,9 @@ def check_efficiency_analyser(mod, t):
         _expect_memory(label, mod.finetune_memory(n, tp, dtype, opt, mixed), ref)
     expect_raises(ValueError, lambda: mod.finetune_memory(1e9, dtype="fp8"),
                   "finetune_memory(..., dtype='fp8') should raise ValueError")
+    expect_raises(ValueError, lambda: mod.finetune_memory(1e9, optimizer="lion"),
+                  "finetune_memory(..., optimizer='lion') should raise ValueError (an unknown "
+                  "optimizer, as the docstring says)")
     t.ok("finetune_memory matches accounting.estimate_finetune_memory (full, LoRA, QLoRA; "
          "AdamW, SGD; fp32 .. nf4)")
 

@@ -60,6 +60,11 @@ MISTAKES = [
     ("9.9", "merged = dict(self.weights)", "merged = self.weights", "leave the layer itself unchanged"),
     ("9.9", 'target_modules=("q", "v"),', 'target_modules=("q", "k", "v", "o"),',
      "the default target_modules"),
+    ("9.9", 'raise ValueError(f"unknown target(s) {unknown}; choose among {list(TARGETS)}")',
+     'raise ValueError(f"unknown target(s) {unknown}")', "should name the valid choices"),
+    ("9.10", "    if optimizer not in OPTIMIZER_STATE_BYTES:\n", "    if False:\n",
+     "optimizer='lion') should raise ValueError"),
+
     ("9.10", "master = num_params * 4 if mixed_precision else 0", "master = 0", "master_weights"),
     ("9.10", "grads, master, states = trainable_params * 4, 0, trainable_params * opt",
      "grads, master, states = num_params * b, 0, trainable_params * opt", "['gradients']"),

@@ -184,8 +184,9 @@ def describe_exception(exc: BaseException, learner_path: str | None) -> dict:
                   if Path(f.filename).resolve() == Path(learner_path).resolve()]
         if frames:
             frame = (frames[-1].lineno, frames[-1].line or "")
-    return {"name": type(exc).__name__, "bases": bases, "message": str(exc)[:4000],
-            "frame": frame}
+    simple = all(type(a) in (str, int, float, bool) for a in exc.args) and len(exc.args) <= 4
+    args = [a[:4000] if isinstance(a, str) else a for a in exc.args] if simple else [str(exc)[:4000]]
+    return {"name": type(exc).__name__, "bases": bases, "args": args, "frame": frame}
 
 
 # ---------------------------------------------------------------- the parent's side
@@ -360,7 +361,9 @@ def rebuild_exception(info: dict) -> BaseException:
                  if isinstance(getattr(builtins, b, None), type)
                  and issubclass(getattr(builtins, b), Exception)), Exception)
     kind = base if base.__name__ == name else type(name, (base,), {})
-    exc = kind(str(info.get("message", "")))
+    args = info.get("args")
+    args = [a for a in args if type(a) in (str, int, float, bool)] if isinstance(args, list) else []
+    exc = kind(*args)
     frame = info.get("frame")
     if isinstance(frame, (tuple, list)) and len(frame) == 2:
         exc.learner_frame = (int(frame[0]), str(frame[1]))
