@@ -9,7 +9,9 @@
    The child has a time limit (an infinite loop is stopped) and its printed
    output is kept only up to ``OUTPUT_LIMIT`` bytes.
 2. No record, or a record that does not unpickle as plain data, is a failure
-   with a message saying why (the file exited, timed out, crashed Python).
+   with a message saying why (the file exited, timed out, crashed Python). So
+   is a change to the code files of the checkers or the library during the run
+   (the grader imports some of them only later, while replaying).
    The child's exit status is never read as a verdict: ``sys.exit(0)`` fails.
 3. A child verdict "not implemented" or "failed" is reported as it is (a file
    can only lose by forging one). A child verdict "passed" is not believed: the
@@ -45,7 +47,7 @@ if str(HERE) not in sys.path:
 
 from checking import Result, run_check  # noqa: E402
 from recorder import TIMEOUT  # noqa: E402
-from transcript import Decoder, Divergence, Forwarding, leaves, load_record, \
+from transcript import LIBRARY_DIR, Decoder, Divergence, Forwarding, leaves, load_record, \
     rebuild_exception  # noqa: E402
 
 OUTPUT_LIMIT = 16_000
@@ -172,15 +174,42 @@ def _printed(keep: bytearray, total: int) -> str:
     return "\nyour file printed" + more + ", ending with:\n" + "\n".join("  | " + ln[:300] for ln in lines)
 
 
+def course_files(skip: Path) -> dict:
+    """``{path: (size, mtime)}`` of every code file of the checkers and the library (and
+    their bytecode caches), but ``skip``: the grader imports some of them only while
+    replaying, so a file that rewrote one would be running code in the grader."""
+    files = {}
+    for root in (HERE, LIBRARY_DIR):
+        for p in root.rglob("*"):
+            if p.suffix in (".py", ".pyc", ".pth", ".so") and p != skip and p.is_file():
+                st = p.stat()
+                files[str(p)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
 def run_child(ex, path: Path, timeout: float = TIMEOUT):
     """Run the checker on ``path`` in a child process -> ``(record, printed)``, where
     ``record`` is the child's record (a dict) or a ``Result`` saying why there is none."""
     path = Path(path).resolve()
+    before = course_files(path)
+    record, printed = _run_child(ex, path, timeout)
+    after = course_files(path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        names = ", ".join(str(Path(c).relative_to(LIBRARY_DIR.parent.parent)) for c in changed[:5])
+        return Result("failed", f"the course's own files changed while your file was being "
+                      f"checked ({names}{', ...' if len(changed) > 5 else ''}), so the check "
+                      "cannot be trusted. If your file writes files, make it stop; see what "
+                      "changed with `git status` and restore with `git checkout -- FILE`"), printed
+    return record, printed
+
+
+def _run_child(ex, path: Path, timeout: float):
     with tempfile.TemporaryDirectory(prefix="exercise-") as tmp:
         record_path = Path(tmp) / "record.pkl"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-        proc = subprocess.Popen([sys.executable, "-I", str(HERE / "recorder.py"), "--child",
+        proc = subprocess.Popen([sys.executable, "-I", "-B", str(HERE / "recorder.py"), "--child",
                                  ex.id, str(path), str(record_path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)

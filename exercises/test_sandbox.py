@@ -292,3 +292,17 @@ LoRALayer = _Factors
     path = tmp_path / ex.solution_path.name
     path.write_text(props)
     assert grade_isolated(ex, path).status == "passed"
+
+
+def test_writing_into_the_course_files_fails(tmp_path):
+    """The grader imports some library modules only while replaying: a file that writes
+    code there would run code in the grader, so any change to them fails the check."""
+    import os
+    from pathlib import Path
+    probe = Path(__file__).resolve().parent / f"zz_sandbox_probe_{os.getpid()}.py"
+    try:
+        result = grade(tmp_path, f"open({str(probe)!r}, 'w').write('import checking')\n" + SOLUTION)
+        assert result.status == "failed" and "course's own files changed" in result.message
+        assert probe.name in result.message
+    finally:
+        probe.unlink(missing_ok=True)
