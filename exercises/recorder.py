@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
+
 from checking import run_check  # noqa: E402
 from transcript import Encoder, Forwarding, _is_learner, describe_exception, leaves  # noqa: E402
 
@@ -66,14 +68,14 @@ class Recorder:
         if isinstance(value, Proxy):
             return self.enc.objects[object.__getattribute__(value, "_hid")]
         if isinstance(value, (tuple, list)) and any(isinstance(v, (Proxy, tuple, list, dict)) for v in value):
-            return type(value)(self.unwrap(v) for v in value)
+            items = [self.unwrap(v) for v in value]
+            return tuple(items) if isinstance(value, tuple) else items
         if isinstance(value, dict) and any(isinstance(v, (Proxy, tuple, list, dict)) for v in value.values()):
             return {k: self.unwrap(v) for k, v in value.items()}
         return value
 
     def register(self, args) -> tuple[list, list]:
         """Bind the checker's objects inside ``args`` to oids; return (bindings, objects)."""
-        import numpy as np
         regs, objs = [], []
         for path, leaf in leaves(args):
             oid = self.enc.oid(leaf)
@@ -85,7 +87,7 @@ class Recorder:
         return regs, objs
 
     def updates(self, objs) -> list:
-        import numpy as np
+        """The watched arrays that changed since the last event, and ``objs`` as they are now."""
         out = []
         for oid, (arr, snap) in list(self.watched.items()):
             if arr.shape != snap.shape or not np.array_equal(arr, snap, equal_nan=arr.dtype.kind in "fc"):
