@@ -200,13 +200,29 @@ def test_a_memory_hog_fails_with_a_message(tmp_path):
 
 
 def test_processes_the_file_starts_are_stopped(tmp_path):
-    marker = tmp_path / "still-running"
-    later = f"import time, pathlib; time.sleep(3); pathlib.Path({str(marker)!r}).touch()"
-    spawn = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {later!r}])\n"
-    assert grade(tmp_path, spawn + SOLUTION).status == "passed"
+    import os
+    import signal
     import time
-    time.sleep(4)
-    assert not marker.exists()
+    from pathlib import Path
+    marker = tmp_path / "pid"
+    later = (f"import os, pathlib, time; pathlib.Path({str(marker)!r}).write_text(str(os.getpid())); "
+             "time.sleep(60)")
+    spawn = (f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {later!r}])\n"
+             f"while not os.path.exists({str(marker)!r}):\n    time.sleep(0.05)\n")
+    assert grade(tmp_path, spawn + SOLUTION).status == "passed"   # it had started by then
+    pid = int(marker.read_text())
+    deadline = time.time() + 10
+
+    def alive():
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "\nState:\tZ" not in status.read_text()
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not alive(), "a process the learner's file started outlived the check"
+    finally:
+        if alive():
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_values_survive_the_record():
