@@ -292,7 +292,7 @@ def model_card(report) -> str:
         f"Samples (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, "
         f"seed {SAMPLING['seed']}):",
     ]
-    for prompt, text in report["samples"].items():
+    for prompt, text in sorted(report["samples"].items()):     # (the JSON file sorts them too)
         lines += ["", "```", prompt + text, "```"]
     return "\n".join(lines) + "\n"
 
