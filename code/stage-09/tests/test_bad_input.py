@@ -91,16 +91,16 @@ def test_embedding_and_dropout_guards():
 
 
 def test_bad_optimizer_settings(model):
-    with pytest.raises(ValueError, match="lr must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -0.1"):
         AdamW(model, lr=-0.1)
     names = [n for n, _ in model.named_parameters()]
-    with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -1 \(param group 0\)"):
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0, got -1.0 \(param group 0\)"):
         AdamW(model, param_groups=[{"names": names, "weight_decay": -1}])
-    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\), got \(0.9, 1.0\)"):
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number in \[0, 1\), got 1.0 \(betas=\(0.9, 1.0\)\)"):
         AdamW(model, betas=(0.9, 1.0))
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.2"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\), got 1.2"):
         SGD(model, lr=0.1, momentum=1.2)
-    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
         clip_grad_norm(model, 0)
 
 
