@@ -22,6 +22,36 @@ from typing import Iterator
 import numpy as np
 
 
+# ---- argument checks (every public function names the argument, the value, the limit)
+def check_number(name, value, low, high=math.inf, inclusive=True, high_inclusive=True,
+                 where="") -> float:
+    """``value`` as a float if it is a real, finite number in the range, else a
+    ``ValueError`` naming ``name``, the value and the limit (a string ``"1e-3"`` from a
+    config file, a NaN learning rate or ``lr=0`` are refused before anything changes)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a real number, got {value!r} "
+                         f"({type(value).__name__}){where}")
+    value = float(value)
+    lo_ok = value >= low if inclusive else value > low
+    hi_ok = value <= high if high_inclusive else value < high
+    if not (math.isfinite(value) and lo_ok and hi_ok):
+        limit = (f"{'>=' if inclusive else '>'} {low:g}" if high == math.inf else
+                 f"in {'[' if inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}")
+        raise ValueError(f"{name} must be a finite number {limit}, got {value!r}{where}")
+    return value
+
+
+def check_int(name, value, low, high=None, where="") -> int:
+    """``value`` as an int if it is an integer (not a bool, not ``2.0``, not ``"2"``) in
+    ``low..high``, else a ``ValueError`` naming ``name``, the value and the limit."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}){where}")
+    if value < low or (high is not None and value > high):
+        limit = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {limit}, got {value}{where}")
+    return int(value)
+
+
 class Module:
     """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
 
@@ -417,15 +447,26 @@ def softmax(x, axis=-1):
     return e
 
 
-def cross_entropy(logits, targets, ignore_index=-100):
+IGNORE_INDEX = -100    # a target equal to it is not counted (Hugging Face's label padding)
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     """Mean token cross-entropy and its gradient.
 
     logits ``(..., V)``, targets ``(...)`` of ints; positions whose target equals
     ``ignore_index`` add nothing. The loss is averaged over the other positions
     (as ``torch.nn.functional.cross_entropy``). Returns ``(loss, dlogits)``.
+    When *every* target is ignored there is nothing to average: the loss is NaN
+    and ``dlogits`` is zero, exactly as in PyTorch (never a perfect-looking 0.0).
     """
     logits = np.asarray(logits)
     targets = np.asarray(targets)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a class axis (..., V) with V >= 1, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floats, got dtype {logits.dtype}")
+    if targets.size and not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree: "
                          f"targets must have shape {logits.shape[:-1]}")
@@ -442,7 +483,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     probs = np.exp(shifted)                                 # (N, V)
     sumexp = np.einsum("nv->n", probs)                      # (N,), row sums (fast einsum)
     nll = np.log(sumexp) - shifted[rows, safe_t]            # -log p(target)
-    loss = float((nll * keep).sum() / count)
+    loss = float((nll * keep).sum() / count) if keep.any() else float("nan")
     probs /= sumexp[:, None]                                # softmax
     dlogits = probs                                         # dL/dlogits = (p - onehot) / count
     dlogits[rows, safe_t] -= 1.0

@@ -22,25 +22,7 @@ import math
 
 import numpy as np
 
-from nn import parameter_owner
-
-
-def check_number(name, value, low, high=math.inf, inclusive=True, high_inclusive=True,
-                 where="") -> float:
-    """``value`` as a float if it is a real, finite number in the range, else a
-    ``ValueError`` naming ``name``, the value and the limit (a string ``"1e-3"`` from a
-    config file, a NaN learning rate or ``lr=0`` are refused before anything changes)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a real number, got {value!r} "
-                         f"({type(value).__name__}){where}")
-    value = float(value)
-    lo_ok = value >= low if inclusive else value > low
-    hi_ok = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and lo_ok and hi_ok):
-        limit = (f"{'>=' if inclusive else '>'} {low:g}" if high == math.inf else
-                 f"in {'[' if inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}")
-        raise ValueError(f"{name} must be a finite number {limit}, got {value!r}{where}")
-    return value
+from nn import check_number, parameter_owner
 
 
 class Optimizer:
@@ -217,23 +199,34 @@ class AdamW(Optimizer):
         param -= update                                     # (m, v and tmp share param's dtype)
 
 
+def trainable_grads(model):
+    """``[(name, gradient)]`` of the trainable parameters that have one."""
+    out = []
+    for name, _ in model.named_parameters(trainable_only=True):
+        module, attr = parameter_owner(model, name)
+        g = getattr(module, attr + "_grad", None)
+        if g is not None:
+            out.append((name, g))
+    return out
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the trainable gradients (``inf``/``nan`` if any is non-finite)."""
+    return math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for _, g in trainable_grads(model)))
+
+
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale all trainable gradients so their global L2 norm is at most ``max_norm``.
 
     Returns the norm *before* clipping (worth logging: spikes show instability).
     As ``torch.nn.utils.clip_grad_norm_``, the scale is ``max_norm / (norm + 1e-6)``.
+    A non-finite norm is returned without scaling anything (the caller decides).
     """
     check_number("max_norm", max_norm, 0.0, inclusive=False)
-    grads = []
-    for name, _ in model.named_parameters(trainable_only=True):
-        module, attr = parameter_owner(model, name)
-        g = getattr(module, attr + "_grad", None)
-        if g is not None:
-            grads.append(g)
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-    if total > max_norm:
+    total = grad_norm(model)
+    if math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads:
+        for _, g in trainable_grads(model):
             g *= scale
     return total
 
