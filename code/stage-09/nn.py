@@ -52,6 +52,23 @@ def check_int(name, value, low, high=None, where="") -> int:
     return int(value)
 
 
+def as_array(name, value, dtype=None) -> np.ndarray:
+    """``np.asarray(value)``, but a ragged nested list (rows of different lengths) or a
+    non-numeric value raises a ``ValueError`` naming ``name`` instead of NumPy's own."""
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError) as err:
+        lengths = ([len(r) if hasattr(r, "__len__") else "scalar" for r in value][:8]
+                   if isinstance(value, (list, tuple)) else None)
+        raise ValueError(f"{name} must be a rectangular array; got {type(value).__name__}"
+                         + (f" with rows of lengths {lengths}" if lengths else "")
+                         + f" ({err})") from None
+    if array.dtype == object:
+        raise ValueError(f"{name} must be a rectangular array of numbers, got an array of "
+                         f"Python objects (a ragged list?) of shape {array.shape}")
+    return array
+
+
 class Module:
     """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
 
@@ -154,6 +171,18 @@ class Module:
         else:
             current += grad
 
+    def check_backward(self, dout, cache: str, shape_of=None) -> None:
+        """Refuse a ``backward`` with no ``forward`` before it (the attribute ``cache`` is
+        missing) or whose ``dout`` does not have the shape of the forward's output."""
+        saved = getattr(self, cache, None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward "
+                               f"(nothing cached to differentiate)")
+        expected = tuple(shape_of(saved)) if shape_of else saved.shape
+        if np.shape(dout) != expected:
+            raise ValueError(f"{type(self).__name__}.backward: dout has shape {np.shape(dout)}, "
+                             f"but the forward's output had shape {expected}")
+
     def wants_grad(self, name: str) -> bool:
         return name not in self.frozen and getattr(self, name, None) is not None
 
@@ -254,6 +283,7 @@ class Linear(Module):
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def backward(self, dout):
+        self.check_backward(dout, "x", lambda x: (*x.shape[:-1], self.out_features))
         d2 = dout.reshape(-1, self.out_features)            # (N, out)
         if self.wants_grad("weight"):                       # skipped when frozen
             self._accumulate("weight", d2.T @ self.x.reshape(-1, self.in_features))  # (out, in)
@@ -303,6 +333,7 @@ class Embedding(Module):
         return self.weight[ids]                             # (*ids.shape, dim)
 
     def backward(self, dout):
+        self.check_backward(dout, "ids", lambda ids: (*ids.shape, self.dim))
         if self.wants_grad("weight"):                       # np.add.at, only faster
             self._accumulate("weight", scatter_add_rows(self.ids, dout.reshape(-1, self.dim),
                                                         self.num_embeddings))
@@ -340,6 +371,7 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dout):
+        self.check_backward(dout, "xhat")
         D, xhat = self.dim, self.xhat
         if self.wants_grad("weight"):                       # sum over rows of dout * xhat
             self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D),
@@ -386,6 +418,7 @@ class GELU(Module):
         return x * s                                        # (..., F)
 
     def backward(self, dout):
+        self.check_backward(dout, "x")
         x, s = self.x, self.s
         g = x * x                                           # x^2
         g *= 2 * 3 * _GELU_A * _GELU_C
@@ -405,6 +438,7 @@ class ReLU(Module):
         return x * self.mask
 
     def backward(self, dout):
+        self.check_backward(dout, "mask")
         return dout * self.mask
 
 
@@ -459,8 +493,8 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     When *every* target is ignored there is nothing to average: the loss is NaN
     and ``dlogits`` is zero, exactly as in PyTorch (never a perfect-looking 0.0).
     """
-    logits = np.asarray(logits)
-    targets = np.asarray(targets)
+    logits = as_array("logits", logits)
+    targets = as_array("targets", targets)
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a class axis (..., V) with V >= 1, got shape {logits.shape}")
     if not np.issubdtype(logits.dtype, np.floating):
