@@ -125,3 +125,21 @@ def test_a_checkpoint_with_a_tensor_missing_is_refused_and_the_model_unchanged(t
     assert_same(target, before)
     with pytest.raises(ValueError, match="missing tensors: layers.0.mlp.fc2.bias"):
         load_model(tmp_path)
+
+
+def test_without_an_exchange_a_failed_second_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    old = GPT(CFG, seed=1)
+    save_model(old, tmp_path / "ckpt")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(dst) == str(tmp_path / "ckpt") and str(src).endswith(".tmp"):
+            raise OSError("the new directory cannot move in")
+        return real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="cannot move in"):
+        save_model(GPT(CFG, seed=2), tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert_same(load_model(tmp_path / "ckpt"), params(old))
