@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from nn import Dropout
+from nn import Dropout, check_number
 
 
 def well_scaled(model, seed=0):
@@ -41,7 +41,19 @@ def rel_error(a, b) -> float:
 
 
 def numerical_gradient(f, x, h=1e-5):
-    """Central differences of the scalar function ``f()`` w.r.t. array ``x`` (in place)."""
+    """Central differences of the scalar function ``f()`` w.r.t. array ``x`` (in place).
+
+    ``x`` must be a writable float64 array (the function perturbs it in place; in
+    float32 a step of 1e-5 drowns in rounding), ``h`` a small positive number.
+    """
+    if not callable(f):
+        raise ValueError(f"f must be a function of no arguments returning the loss, got {f!r:.60}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float64:
+        raise ValueError(f"x must be a float64 NumPy array (perturbed in place), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not x.flags.writeable:
+        raise ValueError("x must be writable: it is perturbed in place (pass the live parameter)")
+    check_number("h", h, 0.0, 1e-2, inclusive=False)
     grad = np.zeros_like(x, dtype=np.float64)
     it = np.nditer(x, flags=["multi_index"])
     for _ in it:

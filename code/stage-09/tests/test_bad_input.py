@@ -111,7 +111,7 @@ def test_bad_task_requests():
         make_examples("copy", 3, min_len=5, max_len=3)
     with pytest.raises(ValueError, match="no inputs of length 1..1"):
         fixed_test_set("copy", 3, min_len=1, max_len=1)
-    with pytest.raises(ValueError, match=r"weights \[1, -1\] must be 2 non-negative"):
+    with pytest.raises(ValueError, match=r"weights must be a finite number >= 0, got -1.0 \(weights=\[1, -1\]\)"):
         MixtureSampler(["copy", "sort"], weights=[1, -1])
 
 
