@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, as_array
+from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, as_array, check_int
 
 
 @dataclass
@@ -42,7 +42,7 @@ class GPTConfig:
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         try:
-            dtype = np.dtype(self.dtype)
+            dtype = None if self.dtype is None else np.dtype(self.dtype)   # (np.dtype(None): float64)
         except TypeError:
             dtype = None
         if dtype not in (np.float32, np.float64):           # float16 overflows -1e30 masks
@@ -263,10 +263,11 @@ class GPT(Module):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         T, limit = tokens.shape[1] + extra_positions, self.config.context_length
         if T > limit:
-            raise ValueError(f"sequence length {T} exceeds context_length {limit}")
+            raise ValueError(f"tokens: sequence length {T} exceeds context_length {limit}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens.min() if tokens.min() < 0 else tokens.max()
-            raise ValueError(f"token id {bad} out of range: valid ids are 0..{self.config.vocab_size - 1}")
+            raise ValueError(f"tokens: token id {bad} out of range: valid ids are "
+                             f"0..{self.config.vocab_size - 1}")
         return tokens
 
     def check_positions(self, position_ids, shape):
@@ -280,7 +281,8 @@ class GPT(Module):
         limit = self.config.context_length
         if position_ids.size and (position_ids.min() < 0 or position_ids.max() >= limit):
             bad = position_ids.min() if position_ids.min() < 0 else position_ids.max()
-            raise ValueError(f"position id {bad} out of range: valid positions are 0..{limit - 1}")
+            raise ValueError(f"position_ids: position id {bad} out of range: valid positions "
+                             f"are 0..{limit - 1}")
         return position_ids
 
     @staticmethod
@@ -364,7 +366,10 @@ class GPT(Module):
         reached ``eos_id`` keep emitting it.
         """
         forward = forward or self.forward
-        seq = np.asarray(tokens)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        if eos_id is not None:
+            check_int("eos_id", eos_id, 0, self.config.vocab_size - 1)
+        seq = as_array("tokens", tokens)
         self.check_tokens(seq[:, -self.config.context_length:] if seq.ndim == 2 else seq)
         done = np.zeros(seq.shape[0], dtype=bool)
         out = []

@@ -112,7 +112,7 @@ class Optimizer:
 
     def set_lr_scale(self, scale: float) -> None:
         """Set every group's ``lr`` to ``scale * initial_lr`` (for schedules)."""
-        check_number("lr scale", scale, 0.0)
+        check_number("scale", scale, 0.0)
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * scale
 

@@ -196,7 +196,7 @@ def make_batch(examples, context_length=None, pad_id=PAD):
     """
     if not hasattr(examples, "__len__") or isinstance(examples, (str, bytes, np.ndarray)):
         raise ValueError(f"examples must be a list of (prompt, answer) pairs, got "
-                         f"{type(examples).__name__}")
+                         f"{type(examples).__name__} {examples!r:.60}")
     if len(examples) == 0:
         raise ValueError("make_batch needs at least one example")
     if context_length is not None:

@@ -201,6 +201,7 @@ def evaluate(model, examples, batch_size=256) -> float:
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
+    check_int("batch_size", batch_size, 1)
     limits = [len(a) + 1 for _, a in examples]
     predictions = greedy_answers(model, [p for p, _ in examples], limits, batch_size)
     hits = [pred == list(ans) for pred, (_, ans) in zip(predictions, examples)]
@@ -215,6 +216,7 @@ def eval_loss(model, examples, batch_size=256) -> float:
     """
     if not examples:
         raise ValueError("eval_loss needs at least one example")
+    check_int("batch_size", batch_size, 1)
     total, count = 0.0, 0
     with _EvalMode(model):
         for s in range(0, len(examples), batch_size):
