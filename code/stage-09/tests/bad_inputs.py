@@ -9,7 +9,8 @@ model and sorts what happened into
   value), the model left exactly as it was;
 * ``unclear``: an exception that names neither (a NumPy or Python internal);
 * ``silent``: no exception at all;
-* ``data lost``: the model changed although the call failed (or did not fail).
+* ``data lost``: the model changed although the call failed (or did not fail);
+* ``hung``: (only when tallying) still running after a time limit.
 
 ``tests/test_bad_input_properties.py`` asserts ``clear`` for every case; running
 ``python tests/bad_inputs.py`` prints the tally.
@@ -17,6 +18,7 @@ model and sorts what happened into
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -338,13 +340,27 @@ def names_value(message: str, value) -> bool:
     return any(s in message for s in shown)
 
 
-def outcome(case: Case, value) -> tuple[str, str]:
-    """``(category, what happened)`` for one call of ``case`` with ``value``."""
+class Hung(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hung
+
+
+def outcome(case: Case, value, time_limit: int = 0) -> tuple[str, str]:
+    """``(category, what happened)`` for one call of ``case`` with ``value``; with a
+    ``time_limit`` (seconds, POSIX only) a call still running then counts as ``hung``."""
     model = fresh()
     before = state(model)
+    if time_limit:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(time_limit)
     try:
         with np.errstate(all="ignore"):
             case.call(value, model)
+    except Hung:
+        return "hung", f"still running after {time_limit} s"
     except Exception as error:                    # noqa: BLE001 -- judged below
         message = f"{type(error).__name__}: {error}"
         if not same_state(before, state(model)):
@@ -355,16 +371,19 @@ def outcome(case: Case, value) -> tuple[str, str]:
         if internal or expected.lower() not in str(error).lower() or not names_value(str(error), value):
             return "unclear", message
         return "clear", message
+    finally:
+        if time_limit:
+            signal.alarm(0)
     if not same_state(before, state(model)):
         return "data lost", "no error, and the model changed"
     return "silent", "no error"
 
 
-def tally(examples_per_case=5, seed=0):
+def tally(examples_per_case=5, time_limit=10):
     """Run every case on ``examples_per_case`` drawn values; ``{category: count}`` and the
     non-clear outcomes."""
     from hypothesis import HealthCheck, given, settings
-    counts, bad = {"clear": 0, "unclear": 0, "silent": 0, "data lost": 0}, []
+    counts, bad = {"clear": 0, "unclear": 0, "silent": 0, "data lost": 0, "hung": 0}, []
     for case in CASES:
         seen = []
 
@@ -376,7 +395,7 @@ def tally(examples_per_case=5, seed=0):
             if key in seen:
                 return
             seen.append(key)
-            category, message = outcome(case, value)
+            category, message = outcome(case, value, time_limit)
             counts[category] += 1
             if category != "clear":
                 bad.append((case.id, key[:60], category, message[:160]))
