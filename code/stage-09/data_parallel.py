@@ -30,8 +30,15 @@ share of the counted target tokens, so a slice with more ``-100`` targets weighs
 
 What the workers copy once, at start: the module structure, the trainable flags,
 the active adapters, everything that is not a parameter. Change any of those
-(freeze a layer, switch or merge an adapter) and build a new ``DataParallel``;
-in-place changes to parameter values are shared. Dropout draws its masks from each
+(freeze a layer, switch or merge an adapter) and build a new ``DataParallel``:
+``forward_backward`` compares the model with what the workers copied and refuses
+to run on a changed one, instead of returning the old model's gradients.
+In-place changes to parameter values are shared.
+
+All or nothing: when a slice fails (bad targets in a worker's slice, a worker that
+died), the gradients are put back as they were before the call. A worker that does
+not answer within ``timeout`` seconds is killed and the ``DataParallel`` closed with
+a clear error, instead of the step hanging for ever. Dropout draws its masks from each
 process's own generator, so with dropout > 0 the random masks differ from a
 single-process run. During ``forward_backward`` the main process's BLAS runs on one
 thread (the other cores are busy with the workers); ``close()`` gives the model
