@@ -17,7 +17,7 @@ from optim import SGD, AdamW
 from peft_model import LoraConfig, get_peft_model
 from quantization import QuantizedLinear, quantize_model
 from tasks import make_examples
-from train import train
+from train import check_finite_step, train
 
 CFG = GPTConfig(vocab_size=13, context_length=10, d_model=16, n_layers=2, n_heads=2,
                 dtype=np.float64)
@@ -142,6 +142,9 @@ def test_a_batch_whose_targets_are_all_ignored_is_not_a_perfect_loss():
     prompt_only = [([3, 20, 21, 1], [])] * 2     # answers empty: only EOS is a target
     history = train(model, prompt_only, steps=1, batch_size=2, progress=False)
     assert np.isfinite(history["losses"][0])      # (EOS still counts)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4: every target of the "
+                                                 r"batch is ignore_index -100"):
+        check_finite_step(model, float("nan"), 0.0, np.full((2, 3), -100), step=4)
     tokens, targets = batch()
     with DataParallel(GPT(CFG), processes=1) as dp:
         assert np.isnan(dp.forward_backward(tokens, np.full_like(targets, -100)))
