@@ -267,6 +267,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
         super().__init__()
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         bound = 1.0 / math.sqrt(in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -319,6 +321,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32, std=0.02):
         super().__init__()
+        check_int("num_embeddings", num_embeddings, 1)
+        check_int("dim", dim, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = (rng.standard_normal((num_embeddings, dim)) * std).astype(dtype)
@@ -354,6 +358,8 @@ class LayerNorm(Module):
 
     def __init__(self, dim, eps=1e-5, dtype=np.float32):
         super().__init__()
+        check_int("dim", dim, 1)
+        check_number("eps", eps, 0.0, inclusive=False)
         self.dim, self.eps = dim, eps
         self.weight = np.ones(dim, dtype=dtype)
         self.bias = np.zeros(dim, dtype=dtype)
@@ -448,8 +454,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        check_number("p", p, 0.0, 1.0, high_inclusive=False, where=" (the dropout probability)")
         self.p = p
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.mask = None

@@ -29,7 +29,7 @@ from accounting import compare_peft_methods, compute_parameter_efficiency, estim
 from data_parallel import DataParallel
 from gradcheck import numerical_gradient
 from minigpt import GPT, GPTConfig
-from nn import cross_entropy
+from nn import Dropout, Embedding, LayerNorm, Linear, cross_entropy
 from optim import SGD, AdamW, clip_grad_norm
 from quantization import quantize_model, quantize_tensor
 from tasks import MixtureSampler, fixed_test_set, make_batch, make_examples
@@ -122,6 +122,11 @@ INT_FIELDS = [
      lambda v, m: evaluate(m, make_examples("copy", 2, max_len=2), batch_size=v)),
     ("eval_loss", "batch_size", 1, None, False,
      lambda v, m: eval_loss(m, make_examples("copy", 2, max_len=2), batch_size=v)),
+    ("nn.Linear", "in_features", 1, None, False, lambda v, m: Linear(v, 4)),
+    ("nn.Linear", "out_features", 1, None, False, lambda v, m: Linear(4, v)),
+    ("nn.Embedding", "num_embeddings", 1, None, False, lambda v, m: Embedding(v, 4)),
+    ("nn.Embedding", "dim", 1, None, False, lambda v, m: Embedding(4, v)),
+    ("nn.LayerNorm", "dim", 1, None, False, lambda v, m: LayerNorm(v)),
     ("make_examples", "n", 0, None, False, lambda v, m: make_examples("copy", v)),
     ("make_examples", "seed", 0, None, False, lambda v, m: make_examples("copy", 2, seed=v)),
     ("make_examples", "min_len", 1, None, False, lambda v, m: make_examples("copy", 2, min_len=v)),
@@ -148,6 +153,8 @@ INT_FIELDS = [
 # (api, argument, low, inclusive, high, high_inclusive, none_ok, call)
 NUMBER_FIELDS = [
     ("GPTConfig", "dropout", 0.0, True, 1.0, False, False, _gpt_config("dropout")),
+    ("nn.Dropout", "p", 0.0, True, 1.0, False, False, lambda v, m: Dropout(v)),
+    ("nn.LayerNorm", "eps", 0.0, False, None, True, False, lambda v, m: LayerNorm(4, eps=v)),
     ("AdamW", "lr", 0.0, False, None, True, False, lambda v, m: AdamW(m, lr=v)),
     ("AdamW", "weight_decay", 0.0, True, None, True, False, lambda v, m: AdamW(m, weight_decay=v)),
     ("AdamW", "eps", 0.0, False, None, True, False, lambda v, m: AdamW(m, eps=v)),

@@ -86,7 +86,7 @@ def test_cross_entropy_target_shape_mismatch():
 def test_embedding_and_dropout_guards():
     with pytest.raises(ValueError, match=r"index 9 .* 0\.\.8"):
         Embedding(9, 4).forward(np.array([0, 9]))
-    with pytest.raises(ValueError, match=r"\[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"p must be a finite number in \[0, 1\), got 1.5"):
         Dropout(1.5)
 
 
