@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nn import check_int
+from validate import check_int
 
 BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
          "int8": 1, "int4": 0.5, "nf4": 0.5}

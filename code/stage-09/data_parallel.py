@@ -57,7 +57,8 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from nn import IGNORE_INDEX, check_int, check_number, cross_entropy, parameter_owner
+from nn import IGNORE_INDEX, cross_entropy, parameter_owner
+from validate import check_int, check_number
 
 _ALIGN = 64                      # bytes: each array starts on its own cache line
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

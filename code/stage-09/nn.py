@@ -21,58 +21,14 @@ from typing import Iterator
 
 import numpy as np
 
-
-# ---- argument checks (every public function names the argument, the value, the limit)
-def check_number(name, value, low, high=math.inf, inclusive=True, high_inclusive=True,
-                 where="") -> float:
-    """``value`` as a float if it is a real, finite number in the range, else a
-    ``ValueError`` naming ``name``, the value and the limit (a string ``"1e-3"`` from a
-    config file, a NaN learning rate or ``lr=0`` are refused before anything changes)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a real number, got {value!r} "
-                         f"({type(value).__name__}){where}")
-    value = float(value)
-    lo_ok = value >= low if inclusive else value > low
-    hi_ok = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and lo_ok and hi_ok):
-        limit = (f"{'>=' if inclusive else '>'} {low:g}" if high == math.inf else
-                 f"in {'[' if inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}")
-        raise ValueError(f"{name} must be a finite number {limit}, got {value!r}{where}")
-    return value
-
-
-def check_int(name, value, low, high=None, where="") -> int:
-    """``value`` as an int if it is an integer (not a bool, not ``2.0``, not ``"2"``) in
-    ``low..high``, else a ``ValueError`` naming ``name``, the value and the limit."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}){where}")
-    if value < low or (high is not None and value > high):
-        limit = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an integer {limit}, got {value}{where}")
-    return int(value)
-
-
-def as_array(name, value, dtype=None) -> np.ndarray:
-    """``np.asarray(value)``, but a ragged nested list (rows of different lengths) or a
-    non-numeric value raises a ``ValueError`` naming ``name`` instead of NumPy's own."""
-    try:
-        array = np.asarray(value, dtype=dtype)
-    except (ValueError, TypeError) as err:
-        lengths = ([len(r) if hasattr(r, "__len__") else "scalar" for r in value][:8]
-                   if isinstance(value, (list, tuple)) else None)
-        raise ValueError(f"{name} must be a rectangular array; got {type(value).__name__}"
-                         + (f" with rows of lengths {lengths}" if lengths else "")
-                         + f" ({err})") from None
-    if array.dtype == object:
-        raise ValueError(f"{name} must be a rectangular array of numbers, got an array of "
-                         f"Python objects (a ragged list?) of shape {array.shape}")
-    return array
+from validate import as_array, check_int, check_number
 
 
 class Module:
     """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
 
     param_names: tuple[str, ...] = ()
+    lists_frozen_parameters = True          # does parameters() list frozen arrays by default?
 
     def __init__(self):
         self.training = True
@@ -104,8 +60,28 @@ class Module:
                     continue
                 yield (f"{path}.{name}" if path else name), value
 
-    def parameters(self, trainable_only: bool = False) -> list[np.ndarray]:
-        return [p for _, p in self.named_parameters(trainable_only=trainable_only)]
+    def parameters(self, trainable_only: bool | None = None) -> list[np.ndarray]:
+        """The parameter arrays below this module, in ``named_parameters`` order.
+
+        ``trainable_only=None`` takes the class's default: every parameter, except
+        for wrappers whose ``lists_frozen_parameters`` is False (the course's
+        ``LoRALinear`` lists ``[A, B]``, not the frozen weight it wraps).
+        """
+        if trainable_only is None:
+            trainable_only = not self.lists_frozen_parameters
+        return [Parameter.of(value, name not in module.frozen)
+                for _, module in self.named_modules() for name, value in module.own_parameters()
+                if not (trainable_only and name in module.frozen)]
+
+    def gradients(self, trainable_only: bool | None = None) -> list:
+        """``X_grad`` for each array of ``parameters(trainable_only)`` (``None`` if none yet)."""
+        if trainable_only is None:
+            trainable_only = not self.lists_frozen_parameters
+        return [self.get_grad(n) for n, _ in self.named_parameters(trainable_only=trainable_only)]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """How many numbers the parameters hold (the trainable ones with ``trainable_only``)."""
+        return sum(p.size for _, p in self.named_parameters(trainable_only=trainable_only))
 
     def get_submodule(self, path: str) -> "Module":
         module = self
@@ -163,6 +139,12 @@ class Module:
                 trainable = name not in module.frozen
                 setattr(module, name + "_grad", np.zeros_like(value) if trainable else None)
 
+    def clear_grads(self) -> None:
+        """Forget this module's own gradients (``X_grad = None``), so that the next
+        backward *sets* them: the course's standalone layers do this, the model never."""
+        for name in self.param_names:
+            setattr(self, name + "_grad", None)
+
     def _accumulate(self, name: str, grad: np.ndarray) -> None:
         """``X_grad += grad`` (allocating on first use)."""
         current = getattr(self, name + "_grad", None)
@@ -205,6 +187,29 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+
+class Parameter(np.ndarray):
+    """What ``Module.parameters()`` returns: a *view* of a parameter array (same memory,
+    so ``p -= lr * g`` updates the model) that also answers PyTorch's two questions,
+    ``p.numel()`` and ``p.requires_grad``, so Hugging Face-style counting code runs::
+
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    ``requires_grad`` is read when the view is made; freeze with ``requires_grad_``.
+    """
+
+    @classmethod
+    def of(cls, array, requires_grad):
+        view = array.view(cls)
+        view.requires_grad = bool(requires_grad)
+        return view
+
+    def __array_finalize__(self, obj):
+        self.requires_grad = False          # results computed from a parameter are not one
+
+    def numel(self) -> int:
+        return self.size
 
 
 class ModuleList(Module):

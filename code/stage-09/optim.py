@@ -22,7 +22,8 @@ import math
 
 import numpy as np
 
-from nn import check_number, parameter_owner
+from nn import parameter_owner
+from validate import check_number
 
 
 class Optimizer:

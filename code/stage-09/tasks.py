@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from nn import check_int, check_number
+from validate import check_int, check_number
 
 # ---- vocabulary --------------------------------------------------------------
 PAD, SEP, EOS = 0, 1, 2

@@ -21,9 +21,10 @@ import numpy as np
 from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
 from data_parallel import DataParallel
-from nn import IGNORE_INDEX, check_int, check_number, cross_entropy
+from nn import IGNORE_INDEX, cross_entropy
 from optim import AdamW, clip_grad_norm, grad_norm, trainable_grads, warmup_cosine
 from tasks import EOS, MixtureSampler, Task, make_batch
+from validate import check_int, check_number
 
 
 def as_sampler(data, seed=0):
