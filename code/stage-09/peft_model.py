@@ -22,7 +22,6 @@ model (docs/ARCHITECTURE.md's table):
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 
@@ -31,6 +30,7 @@ import ia3  # noqa: F401  (registers IA3Method)
 import peft_io
 import peft_methods  # noqa: F401  (registers LoRA, prefix, prompt, BitFit, full)
 from nn import Module, parameter_owner, set_submodule
+from validate import adapter_name as check_adapter_name
 from optim import AdamW
 from peft_base import AdapterState, method_for  # noqa: F401  (AdapterState re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
@@ -427,17 +427,6 @@ def create_loraplus_optimizer(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.
     groups = [g for g in groups if g["names"]]
     return (optimizer_cls or AdamW)(model, lr=lr, weight_decay=weight_decay, param_groups=groups,
                                     **kwargs)
-
-
-def check_adapter_name(name) -> str:
-    """An adapter name becomes a directory name in ``save_pretrained``: a non-empty string
-    without path separators, ``..`` or a leading dot (``"../../x"`` would write outside)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
-    if "/" in name or "\\" in name or os.sep in name or ".." in name or name.startswith("."):
-        raise ValueError(f"adapter_name {name!r} may not contain '/', '\\' or '..' nor start "
-                         f"with '.': it names a directory when the adapter is saved")
-    return name
 
 
 def _tree(model):

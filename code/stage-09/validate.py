@@ -92,3 +92,36 @@ def as_array(name, value, dtype=None) -> np.ndarray:
         raise ValueError(f"{name} must be a rectangular array of numbers, got an array of "
                          f"Python objects (a ragged list?) of shape {array.shape}")
     return array
+
+
+def adapter_name(name) -> str:
+    """An adapter name becomes a directory name in ``save_pretrained``: a non-empty string
+    without path separators, ``..`` or a leading dot (``"../../x"`` would write outside)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(f"adapter_name {name!r} may not contain '/', '\\' or '..' nor start "
+                         f"with '.': it names a directory when the adapter is saved")
+    return name
+
+
+def annotated_type(value, annotation, name: str, what: str | None = None) -> None:
+    """Check ``value`` against a dataclass field's annotation string (``"int"``,
+    ``"bool"``, ``"float"``, ``"str"``, ``"list[...]"``, ``"None"``, joined by ``|``):
+    a JSON ``"false"`` for a bool, ``"8"`` for an int or ``True`` for a rank is refused
+    instead of being read as something else."""
+    if not isinstance(annotation, str):             # a real type (no postponed annotations)
+        annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    parts = {p.strip().split("[")[0] for p in annotation.split("|")}
+    if not parts & {"int", "float", "bool", "str", "list"}:
+        return                                      # a type this check does not know
+    is_bool = isinstance(value, (bool, np.bool_))
+    ok = ((value is None and "None" in parts)
+          or (is_bool and "bool" in parts)
+          or (not is_bool and isinstance(value, (int, np.integer)) and parts & {"int", "float"})
+          or (not is_bool and isinstance(value, (float, np.floating)) and "float" in parts)
+          or (isinstance(value, str) and "str" in parts)
+          or (isinstance(value, (list, tuple)) and "list" in parts))
+    if not ok:
+        raise ValueError(f"{what or name} must be {annotation.replace(' | ', ' or ')}, got "
+                         f"{name}={value!r} ({type(value).__name__})")
