@@ -31,6 +31,8 @@ from gradcheck import numerical_gradient
 from minigpt import GPT, GPTConfig
 from nn import Dropout, Embedding, LayerNorm, Linear, cross_entropy
 from optim import SGD, AdamW, clip_grad_norm
+from peft_model import (BottleneckConfig, LoraConfig, PrefixTuningConfig,  # noqa: I001
+                        get_peft_model)
 from quantization import quantize_model, quantize_tensor
 from tasks import MixtureSampler, fixed_test_set, make_batch, make_examples
 from train import eval_loss, evaluate, train
@@ -51,6 +53,7 @@ class Case:
     strategy: st.SearchStrategy
     call: Callable                # call(value, model)
     expect: str | None = None     # words the message must hold (default: the argument)
+    make: Callable | None = None  # builds the model the call gets (default: ``fresh``)
 
     @property
     def id(self) -> str:
@@ -150,6 +153,31 @@ INT_FIELDS = [
     ("compare_peft_methods", "lora_rank", 1, None, False, lambda v, m: compare_peft_methods(lora_rank=v)),
 ]
 
+def _lora(**fields):
+    def call(v, m):
+        get_peft_model(m, LoraConfig(**{"r": 2, "target_modules": ["q_proj"], **{k: v for k in fields}}))
+    return call
+
+
+INT_FIELDS += [
+    ("LoraConfig", "r", 1, 8, False, _lora(r=1)),          # (8 = d_model: the layer's rank)
+    ("PrefixTuningConfig", "num_virtual_tokens", 1, None, False,
+     lambda v, m: get_peft_model(m, PrefixTuningConfig(num_virtual_tokens=v))),
+    ("BottleneckConfig", "bottleneck_size", 1, 8, True,
+     lambda v, m: get_peft_model(m, BottleneckConfig(bottleneck_size=v))),
+]
+
+# (api, argument, call): fields that take True or False only
+BOOL_FIELDS = [
+    ("LoraConfig", "use_rslora", _lora(use_rslora=False)),
+    ("LoraConfig", "use_dora", _lora(use_dora=False)),
+    ("PrefixTuningConfig", "prefix_projection",
+     lambda v, m: get_peft_model(m, PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=v))),
+    ("quantize_model", "double_quant", lambda v, m: quantize_model(m, double_quant=v)),
+]
+BOOL_KINDS = {"string": STRINGS, "int": st.integers(-5, 5), "float": st.floats(allow_nan=True),
+              "none": st.none(), "list": LISTS}
+
 # (api, argument, low, inclusive, high, high_inclusive, none_ok, call)
 NUMBER_FIELDS = [
     ("GPTConfig", "dropout", 0.0, True, 1.0, False, False, _gpt_config("dropout")),
@@ -173,6 +201,8 @@ NUMBER_FIELDS = [
     ("DataParallel", "timeout", 0.0, False, None, True, False, lambda v, m: DataParallel(m, 1, timeout=v)),
     ("numerical_gradient", "h", 0.0, False, 1e-2, True, False,
      lambda v, m: numerical_gradient(lambda: 0.0, np.zeros(2), h=v)),
+    ("LoraConfig", "lora_alpha", 0.0, False, None, True, False, _lora(lora_alpha=1.0)),
+    ("LoraConfig", "lora_dropout", 0.0, True, 1.0, False, False, _lora(lora_dropout=0.0)),
     ("MixtureSampler", "weights", 0.0, True, None, True, False,
      lambda v, m: MixtureSampler(["copy", "sort"], weights=[v, 1.0])),
 ]
@@ -182,6 +212,9 @@ def scalar_cases() -> list[Case]:
     cases = []
     for api, arg, low, high, none_ok, call in INT_FIELDS:
         for kind, strategy in int_kinds(low, high, none_ok).items():
+            cases.append(Case(api, arg, kind, strategy, call))
+    for api, arg, call in BOOL_FIELDS:
+        for kind, strategy in BOOL_KINDS.items():
             cases.append(Case(api, arg, kind, strategy, call))
     for api, arg, low, inc, high, hinc, none_ok, call in NUMBER_FIELDS:
         for kind, strategy in number_kinds(low, inc, high, hinc, none_ok).items():
@@ -298,14 +331,24 @@ def array_cases() -> list[Case]:
                    lambda v, m: quantize_model(m, target_modules=v, blocksize=8)),
               Case("quantize_model", "quant_type", "unknown", st.sampled_from(["fp4", "int4", "NF4", ""]),
                    lambda v, m: quantize_model(m, quant_type=v)),
-              Case("quantize_model", "double_quant", "not-bool", st.one_of(STRINGS, st.integers()),
-                   lambda v, m: quantize_model(m, double_quant=v)),
               Case("DataParallel.forward_backward", "inputs", "empty",
                    st.sampled_from([np.zeros((0, 4), int), np.zeros((2, 0), int)]), dp_step(tokens=True),
                    "inputs"),
               Case("DataParallel.forward_backward", "targets", "wrong-shape",
                    st.integers(1, 3).map(lambda t: np.zeros((2, t), int)), dp_step(targets=True),
                    "targets"),
+              Case("get_peft_model", "target_modules", "misspelt",
+                   st.sampled_from([["q_prj"], ["fc3"], ["layers.9.mlp.fc1"], "q_proj[", [3]]),
+                   lambda v, m: get_peft_model(m, LoraConfig(r=2, target_modules=v))),
+              Case("get_peft_model", "layers_to_transform", "out-of-range",
+                   st.lists(st.integers(1, 9), min_size=1, max_size=2),
+                   lambda v, m: get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"],
+                                                             layers_to_transform=v))),
+              Case("PeftModel.add_adapter", "adapter_name", "path-like",
+                   st.one_of(st.sampled_from(["../x", "a/b", "..", ".h", "a\\b", ""]), st.integers(),
+                             st.none()),
+                   lambda v, m: m.add_adapter(v, LoraConfig(r=2, target_modules=["v_proj"])),
+                   "adapter_name", make=lambda: get_peft_model(fresh(), LoraConfig(r=2))),
               Case("numerical_gradient", "x", "float32", st.just(np.zeros(3, np.float32)),
                    lambda v, m: numerical_gradient(lambda: 0.0, v)),
               Case("GPTConfig", "dtype", "unsupported",
@@ -358,7 +401,7 @@ def _alarm(signum, frame):
 def outcome(case: Case, value, time_limit: int = 0) -> tuple[str, str]:
     """``(category, what happened)`` for one call of ``case`` with ``value``; with a
     ``time_limit`` (seconds, POSIX only) a call still running then counts as ``hung``."""
-    model = fresh()
+    model = (case.make or fresh)()
     before = state(model)
     if time_limit:
         signal.signal(signal.SIGALRM, _alarm)
