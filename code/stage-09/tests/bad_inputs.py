@@ -445,7 +445,12 @@ def tally(examples_per_case=5, time_limit=10):
             if key in seen:
                 return
             seen.append(key)
-            category, message = outcome(case, value, time_limit)
+            try:
+                category, message = outcome(case, value, time_limit)
+            except Hung:                        # the alarm rang while the error was judged
+                category, message = "hung", f"still running after {time_limit} s"
+            finally:
+                signal.alarm(0)
             counts[category] += 1
             if category != "clear":
                 bad.append((case.id, key[:60], category, message[:160]))
