@@ -95,10 +95,6 @@ class LoRALayer(Module):
                  init_lora_weights=True, use_rslora=False, rng=None, dtype=np.float32):
         super().__init__()
         positive_int(rank, "r", "LoRALayer's rank r")
-        if rank > min(in_features, out_features):
-            raise ValueError(f"r={rank} is larger than the layer: a ({out_features}, {in_features}) "
-                             f"weight has rank at most {min(in_features, out_features)}, so "
-                             f"r must be <= {min(in_features, out_features)}")
         positive_number(alpha, "lora_alpha")
         probability(dropout, "lora_dropout")
         rng = rng if rng is not None else np.random.default_rng(0)

@@ -155,7 +155,7 @@ def test_save_pretrained_of_an_unknown_adapter_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("config, match", [
-    (LoraConfig(r=17, target_modules=["q_proj"]), r"r=17 is larger than the layer.*r must be <= 16"),
+    (LoraConfig(r=17, target_modules=["q_proj"]), r"LoraConfig.r=17 is larger than the layer.*r must be <= 16"),
     (LoraConfig(r=2, target_modules="q_proj["), r"does not compile"),
     (LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0, 2]),
      r"layers_to_transform=\[0, 2\]: layer\(s\) \[2\] out of range; the model has layers 0..1"),
