@@ -291,7 +291,7 @@ class PeftModel(Module):
             yield self
             return
         merged = self._merged_wrappers()
-        saved = [(w, w.base_layer.weight.copy(), None if w.base_layer.bias is None
+        saved = [(w, w.base_layer.weight.copy(), None if getattr(w.base_layer, "bias", None) is None
                   else w.base_layer.bias.copy()) for w in merged]
         self._apply_all(merged, "unmerge_in_place")
         wrappers = [w for _, w in self.wrappers()]
@@ -318,7 +318,7 @@ class PeftModel(Module):
         merging = operation == "merge_in_place"
         for w in wrappers:
             w.check_merge(merging)
-        saved = [(w, w.base_layer.weight.copy(), None if w.base_layer.bias is None
+        saved = [(w, w.base_layer.weight.copy(), None if getattr(w.base_layer, "bias", None) is None
                   else w.base_layer.bias.copy(), w.merged) for w in wrappers]
         try:
             for w in wrappers:

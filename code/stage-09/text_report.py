@@ -187,7 +187,7 @@ def plot_learn_forget(summary, base, path, order, split="test"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     color = method_colors(order)
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10.5, 6))
     full_data = [s for s in summary if s["fraction"] == 1.0]
     for m in ("lora_qv", "lora_all"):
         sweep = sorted((s for s in full_data if s["method"] == m), key=lambda s: s["rank"])
@@ -209,7 +209,7 @@ def plot_learn_forget(summary, base, path, order, split="test"):
     ax.set(title="Learning Alice vs forgetting Shakespeare (lower-left is better)",
            xlabel=f"Alice {split} loss after adaptation (nats/char; left = learned more)",
            ylabel=f"Shakespeare {split} loss rise, adapter active (nats/char)")
-    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))    # outside: hides no point
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -320,9 +320,14 @@ def readme_block(results, image="results/text/learn_forget.png", show=("full", "
     prompt = results["meta"]["sample"]["prompt"]
     shown = "\n\n".join(f"**{m}**: `{prompt}` {json.dumps(texts[m])[1:-1]}"
                          for m in ("base",) + tuple(show) if m in texts)
-    return (f"Base: Alice {base['alice_test']:.3f}, Shakespeare {base['shakespeare_test']:.3f} "
+    pre = base.get("pretraining", {})
+    origin = (f"Runs started from `{pre.get('dir')}`" + (
+        f" ({pre['snapshot_of']} at step {pre['steps']}, Shakespeare validation loss "
+        f"{pre['validation_loss']:.3f})" if pre.get("snapshot_of") else "") + "; ")
+    return (origin + f"base: Alice {base['alice_test']:.3f}, Shakespeare {base['shakespeare_test']:.3f} "
             f"nats/char (test splits, {results['meta']['settings']['steps']} steps per run, "
-            f"mean ± std over {len(results['meta']['settings']['seeds'])} seeds)\n\n"
+            f"mean ± std over {len(results['meta']['settings']['seeds'])} seeds; "
+            f"`{results['meta']['command']}`, {results['meta']['minutes']:.0f} min)\n\n"
             + "\n".join(lines) + f"\n\n![learn-forget]({image})\n\n"
             + "".join(f"- {w}\n" for w in results["findings"]) + "\n" + shown + "\n")
 

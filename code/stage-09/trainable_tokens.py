@@ -108,17 +108,26 @@ class TrainableTokensWrapper(Module):
         return None
 
     # ---- merging: write the rows into the base table, or take them back out --------
-    def merge_in_place(self):
-        if self.merged:
+    def check_merge(self, merging: bool):
+        """The wrappers' protocol (``PeftModel`` asks every wrapper before merging any)."""
+        if merging and self.merged:
             raise ValueError("these trainable tokens are already merged; unmerge them first")
+        if not merging and not self.merged:
+            raise ValueError("these trainable tokens are not merged; nothing to unmerge")
+
+    def set_base_weights(self, W, b=None):
+        """Write the saved table back in place (an embedding has no bias)."""
+        self.base_layer.weight[...] = W
+
+    def merge_in_place(self):
+        self.check_merge(True)
         idx = self.token_adapter.token_indices
         self._saved_rows = self.base_layer.weight[idx].copy()
         self.base_layer.weight[idx] = self.token_adapter.trainable_tokens_delta
         self.merged = True
 
     def unmerge_in_place(self):
-        if not self.merged:
-            raise ValueError("these trainable tokens are not merged")
+        self.check_merge(False)
         self.base_layer.weight[self.token_adapter.token_indices] = self._saved_rows
         self.merged = False
 

@@ -42,8 +42,11 @@ def test_each_method_lowers_alice_loss_and_disabled_is_the_base(method, alice_ba
         disabled = model.forward(sx)
     if method not in TOUCH:
         np.testing.assert_array_equal(disabled, expected)
-    elif method == "qlora":          # disabled: the NF4 base, close to but not the float base
-        assert 0 < np.abs(disabled - expected).max() < 0.5
+    elif method == "qlora":          # disabled: exactly the NF4-quantized base
+        from quantization import quantize_model
+        quantized = quantize_model(load_model(BASE), "nf4", ct.ALL_LINEARS)
+        np.testing.assert_array_equal(disabled, quantized.forward(sx))
+        assert np.abs(disabled - expected).max() > 0
     else:                            # full, BitFit: their changes are the base's own weights
         assert np.abs(disabled - expected).max() > 0
 

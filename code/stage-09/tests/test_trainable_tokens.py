@@ -94,7 +94,12 @@ def test_merge_equals_unmerged_and_merge_and_unload():
     model = tokens_model()
     tokens, _ = data()
     out = model.forward(tokens)
+    with model.disable_adapter():
+        base_out = model.forward(tokens)
     model.merge_adapter()
+    np.testing.assert_allclose(model.forward(tokens), out, atol=1e-12)
+    with model.disable_adapter():                        # merged rows taken out, then put back
+        np.testing.assert_allclose(model.forward(tokens), base_out, rtol=0, atol=1e-12)
     np.testing.assert_allclose(model.forward(tokens), out, atol=1e-12)
     model.unmerge_adapter()
     np.testing.assert_allclose(model.forward(tokens), out, atol=1e-12)
