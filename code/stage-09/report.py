@@ -16,7 +16,7 @@ import numpy as np
 
 from checkpoint import atomic_write_text
 
-MEAN_FIELDS = ("test_accuracy", "pretrain_accuracy", "ce_rise", "disabled_accuracy",
+MEAN_FIELDS = ("test_accuracy", "validation_accuracy", "pretrain_accuracy", "ce_rise", "disabled_accuracy",
                "disabled_ce_rise", "final_loss")
 
 
@@ -35,7 +35,7 @@ def aggregate(rows, base):
              "step_ms": float(np.median([r["step_ms"] for r in rs])),
              "trainable_state_bytes": rs[0]["trainable_state_bytes"],
              "adapter_bytes": rs[0]["adapter_bytes"]}
-        for f in MEAN_FIELDS:
+        for f in (f for f in MEAN_FIELDS if f in rs[0]):
             values = [r[f] for r in rs]
             s[f], s[f + "_std"] = float(np.mean(values)), float(np.std(values))
         summary.append(s)
@@ -148,28 +148,68 @@ def write_results(rows, base, out, command, machine, seconds, plots=True):
     return summary
 
 
-def choose_learning_rates(csv_paths):
-    """The rate per method with the best mean test accuracy over the swept tasks
-    (ties: the lowest mean rise of the pretraining tasks' cross-entropy).
+def choose_learning_rates(summary):
+    """Per (method, task): the rate with the best *validation* accuracy; ties go to
+    the lowest rise of the pretraining tasks' cross-entropy. Returns rows
+    ``{method, task, lr, validation_accuracy, ce_rise, edge}`` (``edge``: the winner
+    is the smallest or largest rate tried, so the grid may not bracket the best)."""
+    groups = defaultdict(list)
+    for s in summary:
+        groups[(s["method"], s["task"])].append(s)
+    chosen = []
+    for (method, task), rows in sorted(groups.items()):
+        best = max(rows, key=lambda s: (s["validation_accuracy"], -s["ce_rise"]))
+        rates = sorted(s["lr"] for s in rows)
+        chosen.append({"method": method, "task": task, "lr": best["lr"],
+                       "validation_accuracy": best["validation_accuracy"],
+                       "ce_rise": best["ce_rise"],
+                       "edge": best["lr"] in (rates[0], rates[-1])})
+    return chosen
 
-    Returns ``{method: (lr, mean_accuracy, {lr: mean_accuracy})}``; a rate counts only
-    if it was run on every task the method was swept on.
-    """
-    table = defaultdict(lambda: defaultdict(dict))      # method -> lr -> task -> (acc, ce)
-    for path in csv_paths:
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                table[row["method"]][float(row["lr"])][row["task"]] = (
-                    float(row["test_accuracy"]), float(row["ce_rise"]))
-    choice = {}
-    for method, by_lr in table.items():
-        tasks = set().union(*(set(t) for t in by_lr.values()))
-        full = {lr: t for lr, t in by_lr.items() if set(t) == tasks}
-        score = {lr: (float(np.mean([a for a, _ in t.values()])),
-                      -float(np.mean([c for _, c in t.values()]))) for lr, t in full.items()}
-        best = max(score, key=score.get)
-        choice[method] = (best, score[best][0], {lr: s[0] for lr, s in sorted(score.items())})
-    return choice
+
+def format_choice(summary, chosen) -> str:
+    """One line per (method, task): the chosen rate, then validation accuracy per rate."""
+    acc = {(s["method"], s["task"], s["lr"]): s["validation_accuracy"] for s in summary}
+    lines = []
+    for c in chosen:
+        cells = "  ".join(f"{lr:g}:{a:.3f}" for (m, t, lr), a in sorted(acc.items())
+                          if (m, t) == (c["method"], c["task"]))
+        lines.append(f"{c['method']:<11} {c['task']:<10} lr {c['lr']:<6g} "
+                     f"{'(edge of grid) ' if c['edge'] else ''}  {cells}")
+    return "\n".join(lines)
+
+
+def write_sweep(rows, base, out, command, machine, seconds):
+    """The validation sweep: ``runs.csv``, ``sweep.csv`` (per rate), ``chosen.csv``
+    (the table ``compare.learning_rate`` reads) and a README with the choice."""
+    os.makedirs(out, exist_ok=True)
+    summary = aggregate(rows, base)
+    chosen = choose_learning_rates(summary)
+    text = format_choice(summary, chosen)
+    print(text)
+    write_csv(os.path.join(out, "runs.csv"), rows)
+    write_csv(os.path.join(out, "sweep.csv"), summary)
+    write_csv(os.path.join(out, "chosen.csv"), chosen)
+    atomic_write_text(os.path.join(out, "README.md"), f"""# Learning rates chosen on the validation split
+
+Made by `{command}` in {seconds / 60:.1f} minutes on {machine}.
+
+Every method was trained on every downstream task (seed 0, the comparison's steps, batch and
+training set) at five learning rates a half-decade apart, centred on the single rate the method
+used before (`compare.METHODS[...].sweep_centre`), and scored on each task's **validation split**
+(`tasks.validation_set`: digit strings disjoint from the training data and from the test sets).
+Per method and per task, the rate with the best validation accuracy wins; ties go to the rate
+that raises the pretraining tasks' cross-entropy least. No test set is looked at here.
+
+`chosen.csv` is the table `compare.py` (and every notebook, through `compare.run_spec`) trains
+with; `sweep.csv` has every rate's measurements, `runs.csv` the raw runs. "edge of grid" marks a
+winner at the smallest or largest rate tried.
+
+```
+{text}
+```
+""")
+    return chosen
 
 
 def replot(results_dir):
@@ -183,6 +223,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--replot"]:
         replot(sys.argv[2])
         raise SystemExit
-    for method, (lr, acc, grid) in sorted(choose_learning_rates(sys.argv[1:]).items()):
-        cells = "  ".join(f"{k:g}:{v:.3f}" for k, v in grid.items())
-        print(f"{method:<11} lr {lr:g}  (mean accuracy {acc:.3f})   {cells}")
+    with open(sys.argv[1]) as f:        # a sweep.csv: redo the choice
+        rows = [{k: (float(v) if k in ("lr", "validation_accuracy", "ce_rise") else v)
+                 for k, v in r.items()} for r in csv.DictReader(f)]
+    print(format_choice(rows, choose_learning_rates(rows)))
