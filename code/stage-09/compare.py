@@ -139,7 +139,6 @@ class RunSpec:
     rank: int | None = None      # rank-sweep runs override LoRA's r
     lr: float | None = None      # --lr-sweep overrides the method's chosen rate
     split: str = "test"          # the held-out set scored: "validation" in the sweep
-    warmup_fraction: float = 0.05
     grad_clip: float = 1.0
 
     def __post_init__(self):
@@ -157,14 +156,19 @@ def run_spec(method, task, seed=0, quick=False, **overrides) -> RunSpec:
     return RunSpec(method, task, seed, **overrides)
 
 
-def build(spec: RunSpec):
-    """The base model with this run's method attached (and quantized for QLoRA)."""
+def build(spec: RunSpec, config=None):
+    """The base model with this run's method attached (and quantized for QLoRA).
+
+    ``config`` replaces the method's own config (a notebook varying one knob, e.g.
+    the bottleneck size, at the method's rate); the rank sweep's configs come from
+    ``spec.rank``."""
     method = METHODS[spec.method]
     base = load_model(PRETRAINED_DIR)
     if method.quantize:
         from quantization import quantize_model
         quantize_model(base, "nf4", ALL_LINEARS)
-    config = method.make_config()
+    if config is None:
+        config = method.make_config()
     if spec.rank is not None:
         config = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, target_modules=ALL_LINEARS)
     return get_peft_model(base, config, seed=spec.seed)
@@ -176,21 +180,25 @@ def pretrain_metrics(model, n):
     return float(np.mean(accs)), float(np.mean(ces))
 
 
-def finetune(spec: RunSpec):
-    """Build and train one run: ``(model, optimizer, lr, final loss, per-step seconds)``."""
-    model = build(spec)
-    lr = spec.lr
-    optimizer = AdamW(model, lr=lr)
+def finetune(spec: RunSpec, config=None):
+    """Build and train one run: ``(model, optimizer, losses, per-step seconds)``.
+
+    The one training recipe of the comparison and the notebooks: AdamW at ``spec.lr``,
+    linear warm-up over the first 5% of steps then cosine decay, gradient clipping, batches drawn with ``spec.seed``
+    from a fixed training set."""
+    model = build(spec, config)
+    optimizer = AdamW(model, lr=spec.lr)
     data = make_examples(spec.task, spec.n_train, seed=0)
     rng = np.random.default_rng(spec.seed)
-    times, loss = [], float("nan")
+    times, losses = [], []
     for step in range(spec.steps):
-        optimizer.set_lr_scale(warmup_cosine(step, spec.steps, int(spec.steps * spec.warmup_fraction)))
+        optimizer.set_lr_scale(warmup_cosine(step, spec.steps, spec.steps // 20))
         batch = [data[i] for i in rng.integers(0, len(data), spec.batch_size)]
         t0 = time.perf_counter()
         loss, _ = train_step(model, optimizer, batch, grad_clip=spec.grad_clip)
         times.append(time.perf_counter() - t0)
-    return model, optimizer, lr, loss, times
+        losses.append(float(loss))
+    return model, optimizer, losses, times
 
 
 HELD_OUT = {"test": fixed_test_set, "validation": validation_set}
@@ -198,10 +206,11 @@ HELD_OUT = {"test": fixed_test_set, "validation": validation_set}
 
 def run(spec: RunSpec) -> dict:
     """One fine-tuning run; returns a flat dict of measurements."""
-    model, optimizer, lr, loss, times = finetune(spec)
+    model, optimizer, losses, times = finetune(spec)
     trainable, total = model.get_nb_trainable_parameters()
     row = {"method": spec.method, "task": spec.task, "seed": spec.seed, "rank": spec.rank,
-           "lr": lr, "steps": spec.steps, "split": spec.split, "final_loss": float(loss),
+           "lr": spec.lr, "steps": spec.steps, "split": spec.split,
+           "final_loss": losses[-1] if losses else float("nan"),
            "trainable_params": trainable, "total_params": total,
            "trainable_pct": 100.0 * trainable / total,
            f"{spec.split}_accuracy": evaluate(model, HELD_OUT[spec.split](spec.task, spec.n_test)),
@@ -291,6 +300,8 @@ def main(argv=None):
                                                              __import__("sys").argv[1:])
     write = report.write_sweep if a.lr_sweep else report.write_results
     write(rows, base, out, command=command.strip(), machine=machine(), seconds=seconds)
+    if full and not a.lr_sweep and out == RESULTS_DIR:      # the README quotes these results
+        report.update_readme(os.path.join(HERE, "..", "..", "README.md"), out)
 
 
 if __name__ == "__main__":

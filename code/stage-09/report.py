@@ -71,43 +71,71 @@ def write_csv(path, rows):
     atomic_write_text(path, buf.getvalue())
 
 
+# One colour and marker per method, the same in every figure (results/ and notebooks).
+METHOD_STYLE = {
+    "full": ("#000000", "o"), "lora_qv": ("#1f77b4", "s"), "lora_all": ("#17becf", "D"),
+    "qlora": ("#9467bd", "v"), "dora": ("#e377c2", "^"), "adapter": ("#2ca02c", "P"),
+    "ia3": ("#bcbd22", "X"), "bitfit": ("#8c564b", "h"), "prefix": ("#ff7f0e", "<"),
+    "prefix_mlp": ("#d62728", ">"), "prompt": ("#7f7f7f", "*"),
+}
+
+
+def method_style(method):
+    """``(colour, marker)`` of a method (``lora_r4`` etc. take ``lora_all``'s)."""
+    if method not in METHOD_STYLE and method.startswith("lora_r"):
+        method = "lora_all"
+    return METHOD_STYLE.get(method, ("#444444", "o"))
+
+
+def _method_legend(fig, names):
+    import matplotlib.lines as mlines
+    handles = [mlines.Line2D([], [], color=method_style(m)[0], marker=method_style(m)[1],
+                             ls="", ms=7, label=m) for m in names]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 6), fontsize=9,
+               frameon=False, title="method (colour and marker)")
+
+
 def plot_results(summary, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = sorted({s["task"] for s in summary})
     methods = [s for s in summary if s["rank"] is None]
-    names = sorted({s["method"] for s in methods})
-    color = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
-    # labels of methods with equal x (LoRA, QLoRA, DoRA) would overprint: stagger them
-    offset = {m: (4, 10 * ((i % 4) - 1.5)) for i, m in enumerate(names)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    names = sorted({s["method"] for s in methods}, key=lambda m: next(
+        s["trainable_params"] for s in methods if s["method"] == m))
+    # points of methods with equal x (LoRA, QLoRA) would hide each other: a legend names
+    # them by colour and marker, and each gets a small horizontal nudge
+    nudge = {m: 1.06 ** (i % 3 - 1) for i, m in enumerate(names)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for s in (s for s in methods if s["task"] == task):
-            ax.errorbar(s["trainable_params"], s["test_accuracy"], yerr=s["test_accuracy_std"],
-                        fmt="o", capsize=3, color=color[s["method"]])
-            ax.annotate(s["method"], (s["trainable_params"], s["test_accuracy"]), fontsize=8,
-                        xytext=offset[s["method"]], textcoords="offset points",
-                        color=color[s["method"]])
+            color, marker = method_style(s["method"])
+            ax.errorbar(s["trainable_params"] * nudge[s["method"]], s["test_accuracy"],
+                        yerr=s["test_accuracy_std"], fmt=marker, ms=7, capsize=3, color=color,
+                        alpha=0.85)
         ax.set_xscale("log")
-        ax.set(title=task, xlabel="trainable parameters (log)", ylabel="test exact match")
+        ax.set(title=task, xlabel="trainable parameters (count, log scale)",
+               ylabel="test exact match (fraction)")
         ax.set_ylim(-0.05, 1.05)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_vs_params.png"), dpi=110)
+    fig.suptitle("Test accuracy against trainable parameters (mean ± std over seeds)")
+    _method_legend(fig, names)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(os.path.join(out, "accuracy_vs_params.png"), dpi=80)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for s in (s for s in methods if s["task"] == task):
-            ax.scatter(s["test_accuracy"], s["ce_rise"], color=color[s["method"]])
-            ax.annotate(s["method"], (s["test_accuracy"], s["ce_rise"]), fontsize=8,
-                        xytext=offset[s["method"]], textcoords="offset points",
-                        color=color[s["method"]])
-        ax.set(title=task, xlabel="downstream test exact match",
-               ylabel="pretraining-task cross-entropy rise (nats)")
+            color, marker = method_style(s["method"])
+            ax.scatter(s["test_accuracy"], s["ce_rise"], color=color, marker=marker, s=55, alpha=0.85)
+        ax.set(title=task, xlabel="downstream test exact match (fraction)",
+               ylabel="pretraining-task CE rise (nats/token)")
+        ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "forgetting_vs_accuracy.png"), dpi=110)
+    fig.suptitle("Forgetting (adapter active) against the new task's accuracy")
+    _method_legend(fig, names)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(os.path.join(out, "forgetting_vs_accuracy.png"), dpi=80)
     plt.close(fig)
 
     sweep = sorted((s for s in summary if s["rank"] is not None or s["method"] == "lora_all"),
@@ -115,15 +143,18 @@ def plot_results(summary, out):
     sweep_task = next((s["task"] for s in summary if s["rank"] is not None), None)
     sweep = [s for s in sweep if s["task"] == sweep_task]
     if len(sweep) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(6, 4))
         r = [s["rank"] or 8 for s in sweep]
-        ax.errorbar(r, [s["test_accuracy"] for s in sweep],
-                    yerr=[s["test_accuracy_std"] for s in sweep], fmt="o-", capsize=3)
+        color, marker = method_style("lora_all")
+        ax.errorbar(r, [s["test_accuracy"] for s in sweep], yerr=[s["test_accuracy_std"] for s in sweep],
+                    fmt=marker + "-", color=color, capsize=3, label="lora_all (alpha = 2r)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(r, [str(x) for x in r])
         ax.set(title=f"LoRA rank sweep on {sweep_task} (every linear)", xlabel="rank r",
-               ylabel="test exact match")
+               ylabel="test exact match (fraction)", ylim=(-0.05, 1.05))
+        ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "rank_sweep.png"), dpi=110)
+        fig.savefig(os.path.join(out, "rank_sweep.png"), dpi=80)
         plt.close(fig)
 
 
@@ -212,6 +243,110 @@ winner at the smallest or largest rate tried.
     return chosen
 
 
+README_BEGIN = "<!-- BEGIN main-job results: generated by `python code/stage-09/report.py --readme` -->"
+README_END = "<!-- END main-job results -->"
+
+
+def _findings(summary, base):
+    """Sentences read off the summary (nothing retyped)."""
+    rows = [s for s in summary if s["rank"] is None]
+    tasks = sorted({s["task"] for s in rows})
+    by = {(s["method"], s["task"]): s for s in rows}
+    out = []
+    for t in tasks:
+        full = by.get(("full", t))
+        if full is None:
+            continue
+        ref = full["test_accuracy"]
+        close = sorted((s for s in rows if s["task"] == t and s["method"] != "full"
+                        and s["test_accuracy"] >= ref - 0.02), key=lambda s: s["trainable_params"])
+        weak = [s["method"] for s in rows if s["task"] == t and s["test_accuracy"] < 0.5 * ref]
+        out.append(f"- `{t}`: full fine-tuning {ref:.3f}; within 0.02 of it: "
+                   + (", ".join(f"{s['method']} ({s['test_accuracy']:.3f})" for s in close) or "none")
+                   + "; below half of it: " + (", ".join(weak) or "none") + ".")
+    restored = [m for m in sorted({s["method"] for s in rows})
+                if all(s["disabled_accuracy"] == base["pretrain_accuracy"]
+                       and abs(s["disabled_ce_rise"]) < 1e-6 for s in rows if s["method"] == m)]
+    out.append(f"- Disabled, these methods give back the base model exactly on every task: "
+               f"{', '.join(restored)}; the others edit base weights in place (full, BitFit) or "
+               f"stand on a quantized base (QLoRA).")
+    learned = [s for s in rows if s["test_accuracy"] >= 0.5]
+    if learned:
+        out.append(f"- With the adapter active, every run that reached 0.5 on its task raised the "
+                   f"pretraining tasks' cross-entropy by {min(s['ce_rise'] for s in learned):.1f} to "
+                   f"{max(s['ce_rise'] for s in learned):.1f} nats: the adapters were trained on the "
+                   f"new task only.")
+    size = {s["method"]: s["adapter_bytes"] / 1024 for s in rows}
+    small, big = min(size, key=size.get), max((m for m in size if m != "full"), key=size.get)
+    out.append(f"- Files: from {size[small]:.0f} KB ({small}) to {size[big]:.0f} KB ({big}), against "
+               f"{size.get('full', float('nan')):.0f} KB for the full model.")
+    return "\n".join(out)
+
+
+def _chosen_table(chosen):
+    tasks = sorted({c["task"] for c in chosen})
+    cell = {(c["method"], c["task"]): c for c in chosen}
+    lines = ["| method | " + " | ".join(f"`{t}` lr (validation acc.)" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for m in dict.fromkeys(c["method"] for c in chosen):
+        cells = []
+        for t in tasks:
+            c = cell.get((m, t))
+            cells.append("" if c is None else f"{float(c['lr']):g} ({float(c['validation_accuracy']):.3f})"
+                         + (" (edge)" if str(c["edge"]) == "True" else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_section(results_dir):
+    """The README's generated main-job block, from ``results.json`` and ``lr_sweep/chosen.csv``."""
+    with open(os.path.join(results_dir, "results.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(results_dir, "lr_sweep", "chosen.csv")) as f:
+        chosen = list(csv.DictReader(f))
+    meta, summary = data["meta"], data["summary"]
+    runs = data["runs"]
+    first = runs[0]
+    return f"""{README_BEGIN}
+**How the learning rates were chosen.** Not on the test sets: every method was trained on
+every task at five rates a half-decade apart (seed 0, the comparison's settings), scored on
+that task's *validation split* (`tasks.validation_set`: inputs disjoint from the training data
+and from the test sets), and the best validation accuracy won, per method and per task (ties:
+the rate that disturbs the pretraining tasks least). `python code/stage-09/compare.py --lr-sweep`
+redoes it and writes `results/lr_sweep/` (`chosen.csv` is the table `compare.py` and every
+notebook train with; "edge": the winner is the grid's smallest or largest rate):
+
+{_chosen_table(chosen)}
+
+**The comparison** then scores each test set once: {first['steps']} AdamW steps per run,
+{len(runs)} runs, made by `{meta['command']}` in {meta['minutes']:.1f} minutes on
+{meta['machine']} (two runs at a time, one per core, each with one BLAS thread, on a machine
+shared with other jobs: step times are noisy; `bench_peft.py` measures them properly).
+
+```
+{format_table(summary, meta['base'])}
+```
+
+![test accuracy against trainable parameters](results/accuracy_vs_params.png)
+
+What the numbers say, on this small model (generated from `results/results.json`):
+
+{_findings(summary, meta['base'])}
+{README_END}"""
+
+
+def update_readme(readme_path, results_dir):
+    """Replace the block between the markers in ``readme_path`` (all or nothing)."""
+    with open(readme_path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme_path} has no generated block; add the lines {README_BEGIN!r} "
+                         f"and {README_END!r} where it belongs")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    atomic_write_text(readme_path, head + readme_section(results_dir) + tail)
+
+
 def replot(results_dir):
     """Redraw the PNGs from a ``results.json`` (no training)."""
     with open(os.path.join(results_dir, "results.json")) as f:
@@ -222,6 +357,10 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:2] == ["--replot"]:
         replot(sys.argv[2])
+        raise SystemExit
+    if sys.argv[1:2] == ["--readme"]:       # refresh README.md's main-job block from results/
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+        update_readme(os.path.join(root, "README.md"), os.path.join(root, "results"))
         raise SystemExit
     with open(sys.argv[1]) as f:        # a sweep.csv: redo the choice
         rows = [{k: (float(v) if k in ("lr", "validation_accuracy", "ce_rise") else v)
