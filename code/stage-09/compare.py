@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -60,8 +61,9 @@ class MethodSpec:
 
 
 # Learning rates are chosen per method AND per task on the *validation* split
-# (``--lr-sweep``: seed 0, 300 steps, five rates a half-decade apart centred on
-# ``sweep_centre``, the single rate each method used before). The rate with the best
+# (``--lr-sweep``: seed 0, 300 steps, three rates a half-decade apart centred on
+# ``sweep_centre``, the single rate each method used before, and one more step along
+# the ladder, up to twice, wherever the best rate is at the edge). The rate with the best
 # validation accuracy wins; ties go to the one that disturbs the pretraining tasks
 # least (lowest rise of their cross-entropy). The chosen table is
 # results/lr_sweep/chosen.csv, read by ``learning_rate``; the test sets are scored
@@ -100,10 +102,25 @@ CHOSEN_CSV = os.path.join(SWEEP_DIR, "chosen.csv")
 QUICK_DIR = os.path.join(RESULTS_DIR, "quick")     # gitignored: --quick and partial runs
 
 
-def sweep_grid(method, width=2):
+SWEEP_EXTENSIONS = 2                               # extra ladder steps past an edge winner
+
+
+def sweep_grid(method, width=1):
     """The ``2 * width + 1`` ladder rates centred on the method's ``sweep_centre``."""
     i = LR_LADDER.index(METHODS[method].sweep_centre)
     return LR_LADDER[max(0, i - width):i + width + 1]
+
+
+def beyond_edges(chosen, tried):
+    """``(method, task, lr)`` one ladder step past each winner at the edge of its tried rates."""
+    extra = []
+    for c in chosen:
+        rates = sorted(lr for m, t, lr in tried if (m, t) == (c["method"], c["task"]))
+        i = LR_LADDER.index(c["lr"])
+        step = -1 if c["lr"] == rates[0] else 1 if c["lr"] == rates[-1] else 0
+        if step and 0 <= i + step < len(LR_LADDER) and (c["method"], c["task"], LR_LADDER[i + step]) not in tried:
+            extra.append((c["method"], c["task"], LR_LADDER[i + step]))
+    return extra
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +222,10 @@ HELD_OUT = {"test": fixed_test_set, "validation": validation_set}
 
 
 def run(spec: RunSpec) -> dict:
-    """One fine-tuning run; returns a flat dict of measurements."""
+    """One fine-tuning run; returns a flat dict of measurements.
+
+    A validation (sweep) run measures only what the choice uses: validation accuracy
+    and the pretraining tasks' cross-entropy (the tie-break)."""
     model, optimizer, losses, times = finetune(spec)
     trainable, total = model.get_nb_trainable_parameters()
     row = {"method": spec.method, "task": spec.task, "seed": spec.seed, "rank": spec.rank,
@@ -216,6 +236,10 @@ def run(spec: RunSpec) -> dict:
            f"{spec.split}_accuracy": evaluate(model, HELD_OUT[spec.split](spec.task, spec.n_test)),
            "step_ms": 1000 * float(np.median(times)),
            "trainable_state_bytes": memory_report(model, optimizer)["trainable_state"]}
+    if spec.split == "validation":
+        row["pretrain_ce"] = float(np.mean([eval_loss(model, fixed_test_set(t, spec.n_forget))
+                                            for t in PRETRAIN_TASKS]))
+        return row
     row["pretrain_accuracy"], row["pretrain_ce"] = pretrain_metrics(model, spec.n_forget)
     with model.disable_adapter():
         row["disabled_accuracy"], row["disabled_ce"] = pretrain_metrics(model, spec.n_forget)
@@ -231,7 +255,9 @@ def base_metrics(n_forget):
     return {"pretrain_accuracy": acc, "pretrain_ce": ce}
 
 
-def run_all(specs, workers=2, progress=True):
+def run_all(specs, workers=2, progress=True, log=None):
+    """Every run, ``workers`` at a time; with ``log``, each finished row is also
+    appended there as a JSON line (a long run that dies keeps what it measured)."""
     rows = []
     # "spawn": a fresh interpreter per worker (a forked child would inherit dead
     # thread pools and locks from the parent)
@@ -239,6 +265,9 @@ def run_all(specs, workers=2, progress=True):
         for row in tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
                         desc="fine-tuning runs"):
             rows.append(row)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -293,9 +322,19 @@ def main(argv=None):
     specs = plan(methods, tasks, seeds, steps, a.quick, not a.no_rank_sweep, a.lr_sweep)
     start = time.perf_counter()
     base = base_metrics(QUICK_SIZES["n_forget"] if a.quick else RunSpec.n_forget)
-    rows = run_all(specs, a.workers)
-    seconds = time.perf_counter() - start
+    os.makedirs(QUICK_DIR, exist_ok=True)
+    log = os.path.join(QUICK_DIR, "progress.jsonl")
+    rows = run_all(specs, a.workers, log=log)
     import report
+    for _ in range(SWEEP_EXTENSIONS if a.lr_sweep else 0):   # the best at an edge: one step further
+        tried = {(r["method"], r["task"], r["lr"]) for r in rows}
+        extra = beyond_edges(report.choose_learning_rates(report.aggregate(rows, base)), tried)
+        if not extra:
+            break
+        rows += run_all([RunSpec(m, t, seeds[0], steps, lr=lr, split="validation",
+                                 **(dict(QUICK_SIZES) if a.quick else {})) for m, t, lr in extra],
+                        a.workers, log=log)
+    seconds = time.perf_counter() - start
     command = "python code/stage-09/compare.py " + " ".join(argv if argv is not None else
                                                              __import__("sys").argv[1:])
     write = report.write_sweep if a.lr_sweep else report.write_results

@@ -25,7 +25,8 @@ def aggregate(rows, base):
     for r in rows:
         r = dict(r)
         r["ce_rise"] = r["pretrain_ce"] - base["pretrain_ce"]
-        r["disabled_ce_rise"] = r["disabled_ce"] - base["pretrain_ce"]
+        if "disabled_ce" in r:                      # (sweep runs measure less)
+            r["disabled_ce_rise"] = r["disabled_ce"] - base["pretrain_ce"]
         groups[(r["method"], r["task"], r["rank"], r["lr"])].append(r)
     summary = []
     for (method, task, rank, lr), rs in groups.items():
@@ -34,7 +35,7 @@ def aggregate(rows, base):
              "trainable_pct": rs[0]["trainable_pct"],
              "step_ms": float(np.median([r["step_ms"] for r in rs])),
              "trainable_state_bytes": rs[0]["trainable_state_bytes"],
-             "adapter_bytes": rs[0]["adapter_bytes"]}
+             "adapter_bytes": rs[0].get("adapter_bytes")}
         for f in (f for f in MEAN_FIELDS if f in rs[0]):
             values = [r[f] for r in rs]
             s[f], s[f + "_std"] = float(np.mean(values)), float(np.std(values))
@@ -226,8 +227,10 @@ def write_sweep(rows, base, out, command, machine, seconds):
 Made by `{command}` in {seconds / 60:.1f} minutes on {machine}.
 
 Every method was trained on every downstream task (seed 0, the comparison's steps, batch and
-training set) at five learning rates a half-decade apart, centred on the single rate the method
-used before (`compare.METHODS[...].sweep_centre`), and scored on each task's **validation split**
+training set) at three learning rates a half-decade apart, centred on the single rate the method
+used before (`compare.METHODS[...].sweep_centre`), plus one more step along the ladder (up to
+twice) wherever the best rate was the smallest or largest tried, and scored on each task's
+**validation split**
 (`tasks.validation_set`: digit strings disjoint from the training data and from the test sets).
 Per method and per task, the rate with the best validation accuracy wins; ties go to the rate
 that raises the pretraining tasks' cross-entropy least. No test set is looked at here.
@@ -309,7 +312,8 @@ def readme_section(results_dir):
     first = runs[0]
     return f"""{README_BEGIN}
 **How the learning rates were chosen.** Not on the test sets: every method was trained on
-every task at five rates a half-decade apart (seed 0, the comparison's settings), scored on
+every task at three rates a half-decade apart (seed 0, the comparison's settings; one step
+further, up to twice, where the best was at the edge), scored on
 that task's *validation split* (`tasks.validation_set`: inputs disjoint from the training data
 and from the test sets), and the best validation accuracy won, per method and per task (ties:
 the rate that disturbs the pretraining tasks least). `python code/stage-09/compare.py --lr-sweep`
