@@ -200,9 +200,9 @@ def plot_attention(ax, att, labels, num_prefix=0, title="", vmax=None):
     im = ax.imshow(att, cmap="viridis", vmin=0, vmax=top, aspect="auto")
     keys = [f"p{i}" for i in range(num_prefix)] + list(labels)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=90, fontsize=7)
+    ax.set_xticklabels(keys, rotation=90, fontsize=8)
     ax.set_yticks(range(T))
-    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_yticklabels(labels, fontsize=8)
     if num_prefix:
         ax.axvline(num_prefix - 0.5, color="white", lw=1.5)
     ax.set(xlabel="key (prefix slots | real tokens)", ylabel="query", title=title)
