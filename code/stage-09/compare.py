@@ -322,8 +322,10 @@ def main(argv=None):
     specs = plan(methods, tasks, seeds, steps, a.quick, not a.no_rank_sweep, a.lr_sweep)
     start = time.perf_counter()
     base = base_metrics(QUICK_SIZES["n_forget"] if a.quick else RunSpec.n_forget)
-    os.makedirs(QUICK_DIR, exist_ok=True)
-    log = os.path.join(QUICK_DIR, "progress.jsonl")
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "progress.jsonl")            # removed once the results are written
+    if os.path.exists(log):
+        os.remove(log)
     rows = run_all(specs, a.workers, log=log)
     import report
     for _ in range(SWEEP_EXTENSIONS if a.lr_sweep else 0):   # the best at an edge: one step further
@@ -339,6 +341,7 @@ def main(argv=None):
                                                              __import__("sys").argv[1:])
     write = report.write_sweep if a.lr_sweep else report.write_results
     write(rows, base, out, command=command.strip(), machine=machine(), seconds=seconds)
+    os.remove(log)
     if full and not a.lr_sweep and out == RESULTS_DIR:      # the README quotes these results
         report.update_readme(os.path.join(HERE, "..", "..", "README.md"), out)
 
