@@ -233,7 +233,8 @@ twice) wherever the best rate was the smallest or largest tried, and scored on e
 **validation split**
 (`tasks.validation_set`: digit strings disjoint from the training data and from the test sets).
 Per method and per task, the rate with the best validation accuracy wins; ties go to the rate
-that raises the pretraining tasks' cross-entropy least. No test set is looked at here.
+that raises the pretraining tasks' cross-entropy least (measured on those tasks' held-out
+sets, as the comparison's forgetting column is). No downstream task's test set is looked at here.
 
 `chosen.csv` is the table `compare.py` (and every notebook, through `compare.run_spec`) trains
 with; `sweep.csv` has every rate's measurements, `runs.csv` the raw runs. "edge of grid" marks a
@@ -316,7 +317,8 @@ every task at three rates a half-decade apart (seed 0, the comparison's settings
 further, up to twice, where the best was at the edge), scored on
 that task's *validation split* (`tasks.validation_set`: inputs disjoint from the training data
 and from the test sets), and the best validation accuracy won, per method and per task (ties:
-the rate that disturbs the pretraining tasks least). `python code/stage-09/compare.py --lr-sweep`
+the rate that raises the pretraining tasks' cross-entropy least, on their held-out sets).
+`python code/stage-09/compare.py --lr-sweep`
 redoes it and writes `results/lr_sweep/` (`chosen.csv` is the table `compare.py` and every
 notebook train with; "edge": the winner is the grid's smallest or largest rate):
 
