@@ -35,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from accounting import memory_report  # noqa: E402
 from checkpoint import load_model  # noqa: E402
@@ -258,6 +257,7 @@ def base_metrics(n_forget):
 def run_all(specs, workers=2, progress=True, log=None):
     """Every run, ``workers`` at a time; with ``log``, each finished row is also
     appended there as a JSON line (a long run that dies keeps what it measured)."""
+    from tqdm import tqdm          # (here: notebooks import this module and never show a bar)
     rows = []
     # "spawn": a fresh interpreter per worker (a forked child would inherit dead
     # thread pools and locks from the parent)
