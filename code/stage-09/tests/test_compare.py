@@ -61,9 +61,13 @@ def test_counts_and_bytes_are_consistent(quick_results):
     assert rows["prompt"]["trainable_params"] == 10 * d
     assert rows["prefix"]["trainable_params"] == L * 2 * 10 * d
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
-    for row in rows.values():                       # params + grads + 2 AdamW moments, float32
+    # the file holds the trainable numbers, except prefix_mlp's: like Hugging Face peft, it
+    # stores the table the MLP produces (layers x key/value x P x d), not the MLP
+    stored = {"prefix_mlp": L * 2 * 10 * d}
+    for name, row in rows.items():                   # params + grads + 2 AdamW moments, float32
         assert row["trainable_state_bytes"] == 16 * row["trainable_params"]
-        assert 4 * row["trainable_params"] <= row["adapter_bytes"] <= 4 * row["trainable_params"] + 16384
+        n = stored.get(name, row["trainable_params"])
+        assert 4 * n <= row["adapter_bytes"] <= 4 * n + 16384, name
 
 
 def read_csv(path):
