@@ -3,7 +3,7 @@
 * a list (or tuple/set) of names matches a module whose dotted name equals an entry
   or ends with ``"." + entry`` (so ``"q_proj"`` matches ``layers.0.self_attn.q_proj``);
 * a string is a full regular-expression match on the dotted name;
-* ``layers_to_transform`` (ints) keeps only modules under ``layers.{i}.``.
+* ``layers_to_transform`` (ints) keeps only modules under ``layers.{i}.`` (GPT-2: ``h.{i}.``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def matches(name: str, target_modules) -> bool:
 
 
 def layer_index(name: str):
-    m = re.match(r"(?:.*\.)?layers\.(\d+)\.", name)
+    m = re.match(r"(?:.*\.)?(?:layers|h)\.(\d+)\.", name)     # OPT/ours: layers.i, GPT-2: h.i
     return int(m.group(1)) if m else None
 
 
