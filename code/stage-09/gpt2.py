@@ -112,7 +112,8 @@ class GPT2LMHeadModel(GPT):
     each parameter has one name, Hugging Face's).
     """
 
-    hf_names = True             # parameter names are Hugging Face's state-dict keys
+    hf_names = True                     # parameter names are Hugging Face's state-dict keys
+    conv1d_modules = GPT2_LINEARS       # what Hugging Face stores (in, out): peft's fan_in_fan_out
 
     def __init__(self, config: GPTConfig, seed: int = 0):
         Module.__init__(self)

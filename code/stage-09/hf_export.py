@@ -65,13 +65,12 @@ import numpy as np
 
 from checkpoint import load_json, load_model, load_tensors, save_json, save_tensors
 from nn import LayerNorm
-from peft_config import LoraConfig
 from peft_io import freeze_adapter, single_active
-from peft_methods import bias_names
+from peft_layout import ADAPTER_PREFIX, lora_config_from_peft, swap_suffix
+from peft_methods import bias_names, linear_types
 from peft_model import PeftModel, get_peft_model
 from targets import matches
 
-ADAPTER_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 POSITION_OFFSET = 2          # OPTLearnedPositionalEmbedding.offset
@@ -88,9 +87,6 @@ MODULE_NAMES = [
     ("ln_f", "model.decoder.final_layer_norm"),
     ("lm_head", "lm_head"),                         # only when the head is untied
 ]
-# (ours, Hugging Face): what follows a module path inside an adapter
-ADAPTER_SUFFIXES = [(".lora.A", ".lora_A.weight"), (".lora.B", ".lora_B.weight"),
-                    (".lora.magnitude", ".lora_magnitude_vector"), (".ia3.ia3_l", ".ia3_l")]
 _FIELDS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|out_proj", "fc": "fc1|fc2"}
 
 
@@ -114,22 +110,24 @@ def _translate(name, source, target):
     raise ValueError(f"{name!r} is not a parameter of the mini GPT / OPT architecture")
 
 
-def _swap_suffix(name, source, target):
-    for pair in ADAPTER_SUFFIXES:
-        if name.endswith(pair[source]):
-            return name[: -len(pair[source])] + pair[target]
-    return name
-
-
 def to_hf_name(name: str) -> str:
     """Our dotted name -> the Hugging Face key (``base_model.model.`` not added)."""
-    return _swap_suffix(_translate(name, 0, 1), 0, 1)
+    return swap_suffix(_translate(name, 0, 1), 0, 1)
 
 
 def from_hf_name(key: str) -> str:
     """A Hugging Face key (with or without ``base_model.model.``) -> our dotted name."""
     key = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
-    return _translate(_swap_suffix(key, 1, 0), 1, 0)
+    return _translate(swap_suffix(key, 1, 0), 1, 0)
+
+
+def namer(model):
+    """``(to_hf, from_hf)`` for ``model``: a model with Hugging Face's module names
+    (``gpt2.GPT2LMHeadModel``) only swaps the adapter suffixes; the mini GPT uses the table."""
+    if getattr(model, "hf_names", False):
+        return (lambda n: swap_suffix(n, 0, 1),
+                lambda k: swap_suffix(k[len(ADAPTER_PREFIX):] if k.startswith(ADAPTER_PREFIX) else k, 1, 0))
+    return to_hf_name, from_hf_name
 
 
 def hf_prefix_position_ids(seq_len: int, num_virtual_tokens: int) -> np.ndarray:
@@ -218,26 +216,27 @@ def export_base(model, directory, dtype=np.float32, **token_ids) -> str:
 
 
 # -------------------------------------------------------------------- adapters
-def _linear_paths(config):
-    """Every linear a LoRA or (IA)3 config could target, in our names."""
-    return [f"layers.{i}.{m}" for i in range(config.n_layers)
-            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                      "self_attn.out_proj", "mlp.fc1", "mlp.fc2")]
+def _linear_paths(gpt):
+    """Every linear of the blocks a LoRA or (IA)3 config could target, in our names."""
+    paths = [p for p, m in gpt.named_modules() if isinstance(m, linear_types())]
+    return [p.removesuffix(".base_layer") for p in paths if p != "lm_head"]
 
 
-def _hf_targets(paths, config):
+def _hf_targets(paths, gpt):
     """``target_modules`` for peft: the leaf names if they select exactly ``paths``, else full names."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    if {n for n in _linear_paths(config) if matches(n, leaves)} == set(paths):
+    if {n for n in _linear_paths(gpt) if matches(n, leaves)} == set(paths):
         return leaves
-    return sorted(to_hf_name(p) for p in paths)
+    return sorted(namer(gpt)[0](p) for p in paths)
 
 
 def _lora_export(peft_model, state, dtype):
     c, gpt = state.config, peft_model.base_model
+    conv1d = getattr(gpt, "conv1d_modules", ())     # stored (in, out) by Hugging Face: GPT-2's
     config = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
-              "target_modules": _hf_targets(list(state.slots), gpt.config), "bias": c.bias,
-              "use_rslora": c.use_rslora, "use_dora": c.use_dora, "fan_in_fan_out": False,
+              "target_modules": _hf_targets(list(state.slots), gpt), "bias": c.bias,
+              "use_rslora": c.use_rslora, "use_dora": c.use_dora,
+              "fan_in_fan_out": any(p.rsplit(".", 1)[-1] in conv1d for p in state.slots),
               "init_lora_weights": True, "layers_to_transform": None, "modules_to_save": None,
               "rank_pattern": {}, "alpha_pattern": {}}    # older peft rejects keys it lacks
     tensors = {}
@@ -246,7 +245,8 @@ def _lora_export(peft_model, state, dtype):
             tensors[f"{path}.lora.{pname}"] = arr
     for name in _lora_bias_names(gpt, state):        # trained in place, in the base model
         tensors[name] = gpt.get_parameter(name)
-    return config, {ADAPTER_PREFIX + to_hf_name(n): a.astype(dtype) for n, a in tensors.items()}
+    to_hf = namer(gpt)[0]
+    return config, {ADAPTER_PREFIX + to_hf(n): a.astype(dtype) for n, a in tensors.items()}
 
 
 def _lora_bias_names(gpt, state):
@@ -264,14 +264,14 @@ def _ia3_export(peft_model, state, dtype):
     for path, vector in state.slots.items():
         column = vector.ia3_l.astype(dtype)
         # peft: (1, in) multiplies a feed-forward layer's input, (out, 1) the others' output
-        tensors[ADAPTER_PREFIX + to_hf_name(path) + ".ia3_l"] = (
+        tensors[ADAPTER_PREFIX + namer(gpt)[0](path) + ".ia3_l"] = (
             column[None, :] if vector.is_feedforward else column[:, None])
     ff = [p for p, v in state.slots.items() if v.is_feedforward]
-    targets = _hf_targets(list(state.slots), gpt.config)
-    ff_targets = _hf_targets(ff, gpt.config) if ff else []
+    targets = _hf_targets(list(state.slots), gpt)
+    ff_targets = _hf_targets(ff, gpt) if ff else []
     if any("." in t for t in targets + ff_targets):     # peft wants ff a subset of targets
-        targets = sorted(to_hf_name(p) for p in state.slots)
-        ff_targets = sorted(to_hf_name(p) for p in ff)
+        targets = sorted(namer(gpt)[0](p) for p in state.slots)
+        ff_targets = sorted(namer(gpt)[0](p) for p in ff)
     config = {"target_modules": targets, "feedforward_modules": ff_targets,
               "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
     return config, tensors
@@ -357,29 +357,15 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
 
 
 # ------------------------------------------------------------- LoRA back in
-# peft LoRA options that change what the adapter computes and that our LoRA lacks
-_UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
-                "layer_replication", "modules_to_save", "target_parameters", "trainable_token_indices")
-
-
-def _lora_config_from_hf(raw, names, model_config):
+def _lora_config_from_hf(raw, names, gpt):
     """Our ``LoraConfig`` for a peft ``adapter_config.json``; the targets are the file's modules."""
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"import_lora_adapter reads LoRA adapters; this one is "
-                         f"peft_type={raw.get('peft_type')!r}")
-    for key in _UNSUPPORTED:
-        if raw.get(key):
-            raise ValueError(f"adapter_config.json sets {key}={raw[key]!r}; our LoRA has no such "
-                             f"option, so the imported adapter would compute something else")
+    if raw.get("fan_in_fan_out") and not getattr(gpt, "conv1d_modules", ()):
+        raise ValueError("adapter_config.json sets fan_in_fan_out=True, which is for weights "
+                         "stored (in, out) (GPT-2's Conv1D); this model's linears are nn.Linear "
+                         "(OPT), so the adapter was made for another architecture")
     paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
-    if not paths:
-        raise ValueError("the adapter file holds no lora_A / lora_B tensors")
-    targets = _hf_targets(paths, model_config)
-    return LoraConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"],
-                      lora_dropout=float(raw.get("lora_dropout", 0.0)), bias=raw.get("bias", "none"),
-                      use_rslora=bool(raw.get("use_rslora", False)),
-                      use_dora=bool(raw.get("use_dora", False)),
-                      target_modules=targets if "." not in targets[0] else paths)
+    targets = _hf_targets(paths, gpt) if paths else []
+    return lora_config_from_peft(raw, paths, targets if targets and "." not in targets[0] else paths)
 
 
 def _attach(model, config, adapter_name):
@@ -390,9 +376,9 @@ def _attach(model, config, adapter_name):
     return get_peft_model(model, config, adapter_name)
 
 
-def _check_shapes(expected, tensors, hf_keys, directory):
+def _check_shapes(expected, tensors, hf_keys, directory, to_hf):
     """Same tensors, same shapes -- or a ValueError naming the tensor (both names) and both shapes."""
-    missing = [hf_keys.get(n, ADAPTER_PREFIX + to_hf_name(n)) for n in expected if n not in tensors]
+    missing = [hf_keys.get(n, ADAPTER_PREFIX + to_hf(n)) for n in expected if n not in tensors]
     extra = [hf_keys[n] for n in tensors if n not in expected]
     if missing or extra:
         raise ValueError(f"the adapter in {directory!r} does not fit this model: missing "
@@ -413,22 +399,22 @@ def import_lora_adapter(model, directory, adapter_name="default", is_trainable=F
     """
     raw = load_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
     hf = load_tensors(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    gpt = model.base_model if isinstance(model, PeftModel) else model
     tensors, hf_keys = {}, {}
     for key, arr in hf.items():
         try:
-            name = from_hf_name(key)
+            name = namer(gpt)[1](key)
         except ValueError:
             raise ValueError(f"tensor {key!r} in {directory!r} names no module of an exported "
                              f"mini GPT (expected keys like {ADAPTER_PREFIX}model.decoder."
                              f"layers.0.self_attn.q_proj.lora_A.weight)") from None
         tensors[name], hf_keys[name] = arr, key
-    gpt = model.base_model if isinstance(model, PeftModel) else model
-    config = _lora_config_from_hf(raw, tensors, gpt.config)
+    config = _lora_config_from_hf(raw, tensors, gpt)
     try:
         trial = _attach(copy.deepcopy(model), config, adapter_name)
     except ImportError as err:
         raise ValueError(f"cannot import this adapter: {err}") from None
-    _check_shapes(trial.adapter_state_dict(adapter_name), tensors, hf_keys, directory)
+    _check_shapes(trial.adapter_state_dict(adapter_name), tensors, hf_keys, directory, namer(gpt)[0])
     peft_model = _attach(model, config, adapter_name)
     for name, live in peft_model.adapter_state_dict(adapter_name).items():
         live[...] = tensors[name].astype(live.dtype)

@@ -32,6 +32,8 @@ from checkpoint import load_json
 from gpt2 import GPT2LMHeadModel
 from hf_export import POSITION_OFFSET, to_hf_name
 from minigpt import GPT, GPTConfig
+from nn import Embedding, LayerNorm, Linear
+from quantization import QuantizedLinear
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -273,3 +275,24 @@ def load_hf_checkpoint(directory, dtype=np.float32, max_memory=None):
         module, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module), attr, array)
     return model.eval()
+
+
+# ------------------------------------------------------------------- and back
+def gpt2_state_dict(model) -> dict:
+    """``{Hugging Face key: array}`` of a loaded GPT-2's *base* weights, in the file layout.
+
+    Conv1D weights go back to ``(in, out)``; a 4-bit weight is written dequantized
+    (what our QLoRA computes with); adapters are left out. For OPT, see
+    ``hf_export.base_tensors``.
+    """
+    model = getattr(model, "base_model", model)
+    tensors = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (Linear, QuantizedLinear, LayerNorm, Embedding)):
+            continue
+        key = path.replace(".base_layer", "")
+        weight = np.asarray(module.weight)
+        tensors[key + ".weight"] = weight.T if key.endswith(GPT2LMHeadModel.conv1d_modules) else weight
+        if getattr(module, "bias", None) is not None:
+            tensors[key + ".bias"] = module.bias
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}

@@ -83,6 +83,9 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     init_lora_weights: object = True
     layers_to_transform: object = None
+    # peft's flag for weights stored (in, out) (GPT-2's Conv1D); ours are all (out, in),
+    # so it is recorded for the files and changes nothing here (peft_layout.py)
+    fan_in_fan_out: bool = False
 
     def validate(self):
         _positive_int("LoraConfig", "r", self.r)
@@ -93,6 +96,7 @@ class LoraConfig(PeftConfig):
                              f"got lora_dropout={self.lora_dropout!r}")
         _choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
         _choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        _choice("LoraConfig", "fan_in_fan_out", self.fan_in_fan_out, (True, False))
         if self.target_modules is None:
             self.target_modules = list(DEFAULT_LORA_TARGETS)
         if isinstance(self.target_modules, tuple):

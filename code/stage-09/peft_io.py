@@ -20,6 +20,7 @@ import numpy as np
 
 from checkpoint import atomic_write_text, load_tensors, save_tensors
 from peft_config import PeftConfig
+from peft_layout import from_peft_layout, is_peft_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,9 +84,11 @@ def read_adapter_dir(directory):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt or truncated")
     base_cfg = raw.pop("base_model_config", None)
-    config = PeftConfig.from_dict(raw)
     tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
-    return config, tensors, base_cfg
+    if is_peft_layout(tensors):         # written by Hugging Face peft (for a model with its names)
+        config, tensors = from_peft_layout(raw, tensors)
+        return config, tensors, base_cfg
+    return PeftConfig.from_dict(raw), tensors, base_cfg
 
 
 def check_against(expected: dict, tensors: dict, directory):
