@@ -1,6 +1,7 @@
 """Bring a real model: a local Hugging Face GPT-2 or OPT checkpoint as a NumPy model.
 
     model = load_hf_checkpoint("path/to/gpt2")        # config.json + model.safetensors
+    tokenizer = load_hf_tokenizer("path/to/gpt2")     # hf_tokenizer.py: GPT-2's byte-level BPE
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["c_attn", "c_proj"]))
 
 Supported (what the two architectures need, nothing more):
@@ -31,6 +32,7 @@ import numpy as np
 from checkpoint import load_json
 from gpt2 import GPT2LMHeadModel
 from hf_export import POSITION_OFFSET, to_hf_name
+from hf_tokenizer import load_hf_tokenizer  # noqa: F401  (the checkpoint's tokenizer, same folder)
 from minigpt import GPT, GPTConfig
 from nn import Embedding, LayerNorm, Linear
 from quantization import QuantizedLinear
