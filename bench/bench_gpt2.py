@@ -25,7 +25,7 @@
    sequence again for every new token) and, when ``generate.py`` offers a key/value
    cache, with it.
 
-Writes ``results/bench_gpt2/results.json``, ``scaling.png`` and prints the tables.
+Writes ``results/bench_gpt2/results.json``, ``scaling.png`` and ``README.md`` (the tables).
 """
 from __future__ import annotations
 
@@ -288,13 +288,61 @@ def print_projections(proj):
         print(f"{name:52s} {p['7B']:7.1f}GB {p['70B']:7.1f}GB")
 
 
+def report(results) -> str:
+    """``results/bench_gpt2/README.md``: every number below comes from ``results.json``."""
+    s, gen = results["step"], results["generation"]
+    lines = ["# GPT-2 small in NumPy: measured", "",
+             f"Written by `bench/bench_gpt2.py`{' --quick' if results['quick'] else ''} from `results.json`; "
+             f"random weights saved by `transformers` (no quality is measured here). Machine: 2 cores "
+             f"shared with other work; {results['machine']} at the start, {results['machine_after']} at "
+             f"the end; {results['seconds'] / 60:.0f} minutes.", "",
+             f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
+             "| | median seconds | steps timed |", "|---|---|---|"]
+    for name, label in (("numpy", "NumPy (this module)"), ("torch_peft", "PyTorch + peft (eager, SDPA)")):
+        lines.append(f"| {label} | {s['median_ms'][name] / 1e3:.2f} | {len(s['ms'][name])} |")
+    lines += ["", f"**ours / theirs = {s['ratio']:.2f}** (target <= 1.2; median over {len(s['loads']) - 1} "
+              f"rounds of alternating blocks). Versions: {s['versions']}. Load per round: "
+              + "; ".join(s["loads"]) + ".", "",
+              "## Memory after one step (arrays held) and the step's own peak", "",
+              "| setup | frozen MB | trainable MB | gradients MB | AdamW MB | held MB | bytes / param | "
+              "step peak MB | step s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["memory"].items():
+        lines.append(f"| {name} | {r['frozen_weights'] / MB:.1f} | {r['trainable_weights'] / MB:.2f} | "
+                     f"{r['gradients'] / MB:.2f} | {r['optimizer_state'] / MB:.2f} | {r['total'] / MB:.1f} | "
+                     f"{r['total'] / r['num_params']:.3f} | {r['step_peak'] / MB:.0f} | {r['step_ms'] / 1e3:.1f} |")
+    lines += ["", "\"step peak\": the most memory the step's temporaries (activations, logits, "
+              "gradients in flight) took at once, measured with `tracemalloc`, on top of what is held.", "",
+              "## The course's 7B and 70B tables, from the measured bytes", "",
+              "Weights, gradients and optimizer state (no activations): frozen bytes per base parameter "
+              f"and state bytes per trainable parameter as measured above; LoRA trains r = {RANK} on the "
+              "query and value projections of every layer (the course's ~4 M at 7B).", "",
+              "| setup | frozen B / param | state B / trainable | 7B GB | 70B GB |", "|---|---|---|---|---|"]
+    for name, p in results["projections"].items():
+        lines.append(f"| {name} | {p['frozen_bytes_per_param']:.3f} | {p['state_bytes_per_trainable']:.1f} | "
+                     f"{p['7B']:.1f} | {p['70B']:.1f} |")
+    cache = "not measured (no generate.py with a cache here)" if gen.get("kv cache") is None else \
+        f"{gen['kv cache']:.1f} tokens/s (same tokens as without: {gen.get('same tokens')})"
+    lines += ["", "## Generation (greedy, batch 1, 32-token prompt)", "",
+              f"Without a key/value cache: {gen['no cache']:.1f} tokens/s; with it: {cache}.", "",
+              "## Growth", "", "![step time and memory against layers and sequence length](scaling.png)", "",
+              "| varied | layers | T | step s | held MB | step peak MB |", "|---|---|---|---|---|---|"]
+    for p in results["scaling"]:
+        lines.append(f"| {p['kind']} | {p['n_layers']} | {p['seq']} | {p['step_ms'] / 1e3:.2f} | "
+                     f"{p['held'] / MB:.0f} | {p['step_peak'] / MB:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, a shorter sweep")
     parser.add_argument("--checkpoint", help="a GPT-2 checkpoint folder (default: make a random GPT-2 small)")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpt2"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite README.md from results.json")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            return write_report(json.load(f), args.out)
     started = time.perf_counter()
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tempfile.gettempdir(), "gpt2-small-random"))
     results = {"machine": load_line(), "checkpoint": checkpoint, "quick": args.quick}
@@ -322,7 +370,13 @@ def main(argv=None):
     results["seconds"] = time.perf_counter() - started
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    write_report(results, args.out)
     print(f"\n{results['machine_after']}; {results['seconds'] / 60:.1f} min; wrote {args.out}")
+
+
+def write_report(results, out):
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(report(results))
 
 
 if __name__ == "__main__":

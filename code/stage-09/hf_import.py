@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from checkpoint import load_json
+from checkpoint import load_json, save_json, save_tensors
 from gpt2 import GPT2LMHeadModel
 from hf_export import POSITION_OFFSET, to_hf_name
 from hf_tokenizer import load_hf_tokenizer  # noqa: F401  (the checkpoint's tokenizer, same folder)
@@ -298,3 +298,20 @@ def gpt2_state_dict(model) -> dict:
         if getattr(module, "bias", None) is not None:
             tensors[key + ".bias"] = module.bias
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+
+
+def gpt2_config_json(config: GPTConfig) -> dict:
+    """The ``config.json`` of a ``GPT2LMHeadModel`` with our ``config`` (no dropout: ours has none)."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.context_length, "n_embd": config.d_model, "n_layer": config.n_layers,
+            "n_head": config.n_heads, "n_inner": config.d_ff, "activation_function": config.activation,
+            "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": config.tie_word_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+
+
+def save_gpt2_checkpoint(model, directory) -> str:
+    """Write a loaded (or built) GPT-2 as a Hugging Face folder: ``GPT2LMHeadModel.from_pretrained`` reads it."""
+    os.makedirs(directory, exist_ok=True)
+    save_tensors(os.path.join(directory, WEIGHTS_NAME), gpt2_state_dict(model), metadata={"format": "pt"})
+    save_json(os.path.join(directory, CONFIG_NAME), gpt2_config_json(getattr(model, "base_model", model).config))
+    return directory

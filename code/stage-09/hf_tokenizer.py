@@ -219,3 +219,17 @@ def load_hf_tokenizer(directory, model=None) -> ByteLevelBPETokenizer:
                          f"({len(tokenizer)} tokens) but the model's vocab_size is {limit}: ids "
                          f">= {limit} would index past its embedding table. Is it the model's tokenizer?")
     return tokenizer
+
+
+def write_byte_vocabulary(directory) -> str:
+    """``vocab.json`` + ``merges.txt`` of the smallest GPT-2-style tokenizer: the 256 byte
+    symbols and ``<|endoftext|>``, no merges (one token per byte). For when no trained
+    tokenizer is at hand; ``load_hf_tokenizer`` reads it like any other."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return directory

@@ -186,3 +186,10 @@ def test_too_large_for_the_memory_is_refused_before_loading(tmp_path, monkeypatc
     assert built == []                                      # refused before building anything
     monkeypatch.undo()
     assert load_hf_checkpoint(tmp_path, max_memory=need) is not None
+
+
+def test_save_gpt2_checkpoint_round_trips(tmp_path):
+    from hf_import import save_gpt2_checkpoint
+    model = random_gpt2(seed=4)
+    save_gpt2_checkpoint(model, tmp_path)
+    np.testing.assert_array_equal(load_hf_checkpoint(tmp_path)(ids()), model(ids()))

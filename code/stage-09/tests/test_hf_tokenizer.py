@@ -94,3 +94,11 @@ def test_other_tokenizers_and_missing_files_are_refused(tmp_path):
         {"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": {"type": "BertPreTokenizer"}}))
     with pytest.raises(ValueError, match="WordPiece.*BertPreTokenizer"):
         load_hf_tokenizer(tmp_path)
+
+
+def test_the_byte_vocabulary_encodes_one_token_per_byte(tmp_path):
+    from hf_tokenizer import write_byte_vocabulary
+    tok = load_hf_tokenizer(write_byte_vocabulary(tmp_path))
+    text = TEXTS[0]
+    assert len(tok.encode(text)) == len(text.encode("utf-8")) and tok.decode(tok.encode(text)) == text
+    assert len(tok) == 257 and tok.eos_token_id == 256
