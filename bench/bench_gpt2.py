@@ -132,7 +132,7 @@ def lora(model, targets=TARGETS):
 
 # ------------------------------------------------------------ 2. the step-time ratio
 def step_ratio(checkpoint, rounds, steps) -> dict:
-    """Ours and theirs in alternating blocks (one untimed step first in each block)."""
+    """Ours and theirs in alternating blocks, after one untimed step each."""
     pm, opt = lora(load_hf_checkpoint(checkpoint))
     tokens, labels = make_batch(pm.config.vocab_size)
     side = TorchSide(checkpoint, tokens, labels)
@@ -140,9 +140,10 @@ def step_ratio(checkpoint, rounds, steps) -> dict:
     times = {name: [] for name in contestants}
     loads = [load_line()]
     try:
+        for fn in contestants.values():
+            fn()                                            # warm-up: allocations, AdamW state
         for _ in range(rounds):
             for name, fn in contestants.items():
-                fn()
                 times[name].append([fn() for _ in range(steps)])
             loads.append(load_line())
     finally:
@@ -155,9 +156,10 @@ def step_ratio(checkpoint, rounds, steps) -> dict:
 
 
 # ------------------------------------------------------------------ 3. memory
-def measured_step(model, optimizer, tokens, labels) -> dict:
-    """One step after a warm-up: its time, the arrays held after it, its peak of temporaries."""
-    train_step(model, optimizer, tokens, labels)
+def measured_step(model, optimizer, tokens, labels, warmup=True) -> dict:
+    """One step (after a warm-up): its time, the arrays held after it, its peak of temporaries."""
+    if warmup:
+        train_step(model, optimizer, tokens, labels)
     held = memory_report(model, optimizer)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -200,7 +202,7 @@ def scaling(layers, seqs, base_layers=12, base_seq=SEQ) -> list:
             model = GPT2LMHeadModel(GPTConfig(vocab_size=50257, context_length=1024, d_model=768,
                                               n_layers=L, n_heads=12))
             pm, optimizer = lora(model)
-            row = measured_step(pm, optimizer, *make_batch(50257, seq=T))
+            row = measured_step(pm, optimizer, *make_batch(50257, seq=T), warmup=False)
             points.append(dict(kind=kind, n_layers=L, seq=T, step_ms=row["step_ms"],
                                held=row["total"], step_peak=row["step_peak"]))
             print(f"  {kind:6s} L={L:2d} T={T:4d}: {row['step_ms'] / 1e3:6.2f} s, held "
@@ -252,23 +254,20 @@ def projections(rows) -> dict:
 
 # ------------------------------------------------------------------ 6. generation
 def generation(checkpoint, prompt_len, new_tokens) -> dict:
-    """Greedy tokens per second, batch 1: without a cache (``GPT.generate``), and with
-    ``generate.py``'s key/value cache when that module exists."""
+    """Greedy tokens per second, batch 1, with and without ``generate.py``'s key/value
+    cache (without that module: ``GPT.generate``, no cache, only)."""
     model = load_hf_checkpoint(checkpoint)
     prompt = make_batch(model.config.vocab_size, batch=1, seq=prompt_len, seed=1)[0]
-    out = {}
-    start = time.perf_counter()
-    plain = model.generate(prompt, new_tokens)
-    out["no cache"] = new_tokens / (time.perf_counter() - start)
     try:
         import generate as G
     except ImportError:
-        out["kv cache"] = None
-        return out
-    start = time.perf_counter()
-    cached = G.generate(model, prompt, max_new_tokens=new_tokens, use_cache=True)
-    out["kv cache"] = new_tokens / (time.perf_counter() - start)
-    out["same tokens"] = bool(np.array_equal(np.asarray(cached)[..., -new_tokens:], plain))
+        start = time.perf_counter()
+        model.generate(prompt, new_tokens)
+        return {"no cache": new_tokens / (time.perf_counter() - start), "kv cache": None}
+    out = {name: G.tokens_per_second(model, prompt, new_tokens, use_cache=flag, repeats=1)
+           for name, flag in (("no cache", False), ("kv cache", True))}
+    out["same tokens"] = bool(np.array_equal(G.generate(model, prompt, new_tokens, use_cache=True),
+                                             G.generate(model, prompt, new_tokens, use_cache=False)))
     return out
 
 
@@ -294,8 +293,10 @@ def report(results) -> str:
     lines = ["# GPT-2 small in NumPy: measured", "",
              f"Written by `bench/bench_gpt2.py`{' --quick' if results['quick'] else ''} from `results.json`; "
              f"random weights saved by `transformers` (no quality is measured here). Machine: 2 cores "
-             f"shared with other work; {results['machine']} at the start, {results['machine_after']} at "
-             f"the end; {results['seconds'] / 60:.0f} minutes.", "",
+             f"shared with other work; the load before and after each part, and its minutes:", ""]
+    lines += [f"* {part}: {v['before']} -> {v['after']}; {v['minutes']:.1f} min"
+              for part, v in results["loads"].items()]
+    lines += ["",
              f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
              "| | median seconds | steps timed |", "|---|---|---|"]
     for name, label in (("numpy", "NumPy (this module)"), ("torch_peft", "PyTorch + peft (eager, SDPA)")):
@@ -332,49 +333,75 @@ def report(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("step", "memory", "generation", "scaling")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, a shorter sweep")
     parser.add_argument("--checkpoint", help="a GPT-2 checkpoint folder (default: make a random GPT-2 small)")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpt2"))
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}; "
+                        "results.json keeps the other parts of an earlier run")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md from results.json")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
     if args.report_only:
-        with open(os.path.join(args.out, "results.json")) as f:
-            return write_report(json.load(f), args.out)
-    started = time.perf_counter()
+        return write_report(results, args.out)
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tempfile.gettempdir(), "gpt2-small-random"))
-    results = {"machine": load_line(), "checkpoint": checkpoint, "quick": args.quick}
-    print(f"checkpoint {checkpoint}; {results['machine']}", flush=True)
+    results.update(checkpoint=checkpoint, quick=args.quick)
+    print(f"checkpoint {checkpoint}; {load_line()}", flush=True)
+    for part in args.parts.split(","):
+        started, before = time.perf_counter(), load_line()
+        results[part] = RUN[part](checkpoint, args)
+        results.setdefault("loads", {})[part] = {"before": before, "after": load_line(),
+                                                 "minutes": (time.perf_counter() - started) / 60}
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"  ({part}: {results['loads'][part]})", flush=True)
+    if all(part in results for part in PARTS):
+        plot_scaling(results["scaling"], os.path.join(args.out, "scaling.png"))
+        write_report(results, args.out)
+    print(f"wrote {args.out}")
 
-    results["step"] = step_ratio(checkpoint, rounds=2 if args.quick else 4, steps=1 if args.quick else 2)
-    s = results["step"]
+
+def _step(checkpoint, args):
+    s = step_ratio(checkpoint, rounds=2 if args.quick else 3, steps=1)
     print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy {s['median_ms']['numpy'] / 1e3:.2f} s, "
           f"PyTorch + peft {s['median_ms']['torch_peft'] / 1e3:.2f} s, ours/theirs {s['ratio']:.2f} "
           f"({s['versions']})", flush=True)
+    return s
 
-    results["memory"] = memory_table(checkpoint)
-    print_memory(results["memory"])
-    results["projections"] = projections(results["memory"])
-    print_projections(results["projections"])
 
-    results["generation"] = generation(checkpoint, prompt_len=32, new_tokens=8 if args.quick else 32)
-    print(f"\ngreedy generation, batch 1, prompt 32: {results['generation']}", flush=True)
+def _memory(checkpoint, args):
+    rows = memory_table(checkpoint)
+    print_memory(rows)
+    print_projections(projections(rows))
+    return rows
 
-    print("\ngrowth (LoRA step, batch 4):", flush=True)
-    results["scaling"] = scaling(layers=[1, 4, 12] if args.quick else [1, 2, 4, 8, 12],
-                                 seqs=[64, 256] if args.quick else [64, 128, 256, 512, 1024])
-    plot_scaling(results["scaling"], os.path.join(args.out, "scaling.png"))
-    results["machine_after"] = load_line()
-    results["seconds"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_report(results, args.out)
-    print(f"\n{results['machine_after']}; {results['seconds'] / 60:.1f} min; wrote {args.out}")
+
+def _generation(checkpoint, args):
+    g = generation(checkpoint, prompt_len=32, new_tokens=8 if args.quick else 16)
+    print(f"greedy generation, batch 1, prompt 32: {g}", flush=True)
+    return g
+
+
+def _scaling(checkpoint, args):
+    print("growth (LoRA step, batch 4):", flush=True)
+    return scaling(layers=[1, 4, 12] if args.quick else [1, 2, 4, 8, 12],
+                   seqs=[64, 256] if args.quick else [64, 256, 1024])
+
+
+RUN = {"step": _step, "memory": _memory, "generation": _generation, "scaling": _scaling}
 
 
 def write_report(results, out):
+    results = dict(results, projections=projections(results["memory"]))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(report(results))
 

@@ -1,4 +1,4 @@
-"""GPT-2's byte-level BPE tokenizer, read from a checkpoint folder: about 150 lines, no dependency.
+"""GPT-2's byte-level BPE tokenizer, read from a checkpoint folder, in plain Python (no dependency).
 
     tok = load_hf_tokenizer("path/to/gpt2")         # tokenizer.json, or vocab.json + merges.txt
     ids = tok.encode("To be, or not to be")         # the ids Hugging Face's tokenizer gives
