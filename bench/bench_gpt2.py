@@ -10,7 +10,8 @@
    about cost, none about quality.
 2. **One LoRA step** (r = 8 on ``c_attn``, batch 4 x 256 tokens, forward,
    cross-entropy, backward, AdamW) here and in PyTorch + ``peft`` (eager, its default
-   SDPA attention) on the same checkpoint, 2 threads each, in alternating blocks of
+   SDPA attention) on the same checkpoint, 2 threads each (ours also as 2 processes of one
+   thread, ``data_parallel.py``), in alternating blocks of
    steps (the child process times its own steps), so a machine whose speed drifts
    slows both alike. The ratio is the median over rounds of the blocks' median ratio.
 3. **Memory** of full fine-tuning, LoRA and QLoRA, from the arrays held after one
@@ -46,6 +47,7 @@ sys.path.insert(0, os.path.join(ROOT, "code", "stage-09"))
 import numpy as np  # noqa: E402
 
 from accounting import memory_report  # noqa: E402
+from data_parallel import DataParallel  # noqa: E402
 from gpt2 import GPT2LMHeadModel  # noqa: E402
 from hf_import import load_hf_checkpoint  # noqa: E402
 from minigpt import GPTConfig  # noqa: E402
@@ -131,12 +133,25 @@ def lora(model, targets=TARGETS):
 
 
 # ------------------------------------------------------------ 2. the step-time ratio
+def parallel_step(dp, optimizer, tokens, labels) -> float:
+    """The same step with the batch split over ``dp``'s processes (``data_parallel.py``)."""
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    dp.forward_backward(tokens, labels)
+    optimizer.step()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def step_ratio(checkpoint, rounds, steps) -> dict:
-    """Ours and theirs in alternating blocks, after one untimed step each."""
+    """Ours (one process, 2 BLAS threads; and two processes of one thread each, as
+    ``train(..., processes=2)``) and theirs in alternating blocks, after one untimed step each."""
     pm, opt = lora(load_hf_checkpoint(checkpoint))
+    pm2, opt2 = lora(load_hf_checkpoint(checkpoint))
     tokens, labels = make_batch(pm.config.vocab_size)
     side = TorchSide(checkpoint, tokens, labels)
-    contestants = {"numpy": lambda: train_step(pm, opt, tokens, labels), "torch_peft": side.step}
+    dp = DataParallel(pm2, 2)
+    contestants = {"numpy": lambda: train_step(pm, opt, tokens, labels),
+                   "numpy_2proc": lambda: parallel_step(dp, opt2, tokens, labels), "torch_peft": side.step}
     times = {name: [] for name in contestants}
     loads = [load_line()]
     try:
@@ -148,10 +163,12 @@ def step_ratio(checkpoint, rounds, steps) -> dict:
             loads.append(load_line())
     finally:
         side.close()
+        dp.close()
     med = {n: np.median(np.array(t), axis=1) for n, t in times.items()}          # (rounds,)
     return {"ms": {n: np.array(t).ravel().tolist() for n, t in times.items()},
             "median_ms": {n: float(np.median(t)) for n, t in times.items()},
             "ratio": float(np.median(med["numpy"] / med["torch_peft"])),
+            "ratio_2proc": float(np.median(med["numpy_2proc"] / med["torch_peft"])),
             "versions": side.info, "loads": loads}
 
 
@@ -299,9 +316,12 @@ def report(results) -> str:
     lines += ["",
              f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
              "| | median seconds | steps timed |", "|---|---|---|"]
-    for name, label in (("numpy", "NumPy (this module)"), ("torch_peft", "PyTorch + peft (eager, SDPA)")):
+    for name, label in (("numpy", "NumPy, one process (2 BLAS threads)"),
+                        ("numpy_2proc", "NumPy, 2 processes x 1 thread (`train(..., processes=2)`)"),
+                        ("torch_peft", "PyTorch + peft (eager, SDPA), 2 threads")):
         lines.append(f"| {label} | {s['median_ms'][name] / 1e3:.2f} | {len(s['ms'][name])} |")
-    lines += ["", f"**ours / theirs = {s['ratio']:.2f}** (target <= 1.2; median over {len(s['loads']) - 1} "
+    lines += ["", f"**ours / theirs = {s['ratio']:.2f}** in one process, **{s['ratio_2proc']:.2f}** with two "
+              f"(target <= 1.2; median over {len(s['loads']) - 1} "
               f"rounds of alternating blocks). Versions: {s['versions']}. Load per round: "
               + "; ".join(s["loads"]) + ".", "",
               "## Memory after one step (arrays held) and the step's own peak", "",
@@ -373,7 +393,8 @@ def main(argv=None):
 def _step(checkpoint, args):
     s = step_ratio(checkpoint, rounds=2 if args.quick else 3, steps=1)
     print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy {s['median_ms']['numpy'] / 1e3:.2f} s, "
-          f"PyTorch + peft {s['median_ms']['torch_peft'] / 1e3:.2f} s, ours/theirs {s['ratio']:.2f} "
+          f"PyTorch + peft {s['median_ms']['torch_peft'] / 1e3:.2f} s, ours/theirs {s['ratio']:.2f}; "
+          f"2 processes {s['median_ms']['numpy_2proc'] / 1e3:.2f} s, {s['ratio_2proc']:.2f} "
           f"({s['versions']})", flush=True)
     return s
 
