@@ -114,6 +114,7 @@ class GPT2LMHeadModel(GPT):
 
     hf_names = True                     # parameter names are Hugging Face's state-dict keys
     conv1d_modules = GPT2_LINEARS       # what Hugging Face stores (in, out): peft's fan_in_fan_out
+    hf_blocks = ("transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 
     def __init__(self, config: GPTConfig, seed: int = 0):
         Module.__init__(self)

@@ -31,7 +31,8 @@ import numpy as np
 
 from checkpoint import load_json, save_json, save_tensors
 from gpt2 import GPT2LMHeadModel
-from hf_export import POSITION_OFFSET, to_hf_name
+from hf_export import POSITION_OFFSET
+from hf_names import to_hf_name
 from hf_tokenizer import load_hf_tokenizer  # noqa: F401  (the checkpoint's tokenizer, same folder)
 from minigpt import GPT, GPTConfig
 from nn import Embedding, LayerNorm, Linear
@@ -276,6 +277,7 @@ def load_hf_checkpoint(directory, dtype=np.float32, max_memory=None):
             array = array[POSITION_OFFSET:].copy()
         module, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module), attr, array)
+    model.name_or_path = directory                          # save_pretrained records it, as in peft
     return model.eval()
 
 

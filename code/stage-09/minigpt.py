@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import ACTIVATIONS, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from validate import positive_int
 
 
 @dataclass
@@ -39,9 +40,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for field in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+            positive_int(getattr(self, field), field, f"GPTConfig.{field}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
@@ -49,8 +48,8 @@ class GPTConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {sorted(ACTIVATIONS)}, "
                              f"got {self.activation!r}")
-        if self.d_ff is not None and (not isinstance(self.d_ff, (int, np.integer)) or self.d_ff <= 0):
-            raise ValueError(f"GPTConfig.d_ff must be a positive integer or None, got {self.d_ff!r}")
+        if self.d_ff is not None:
+            positive_int(self.d_ff, "d_ff", "GPTConfig.d_ff")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 

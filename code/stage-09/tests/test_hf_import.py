@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import hf_export
 from hf_import import gpt2_state_dict, load_hf_checkpoint
 from nn import cross_entropy
 from optim import AdamW
-from peft_layout import ADAPTER_PREFIX
+from hf_names import ADAPTER_PREFIX, to_hf_key
 from peft_model import LoraConfig, PeftModel, get_peft_model
 from quantization import quantize_model
 from test_hf_export import clean_env, hf_missing, needs_hf
@@ -88,8 +87,8 @@ def our_grads(pm, ids, targets):
     loss, dlogits = cross_entropy(pm(ids), targets)
     pm.zero_grad()
     pm.backward(dlogits)
-    to_hf = hf_export.namer(pm.base_model)[0]        # GPT-2: names kept; OPT: the export table
-    return loss, {ADAPTER_PREFIX + to_hf(n): pm.get_grad(n) for n, _ in pm.named_parameters(trainable_only=True)}
+    return loss, {ADAPTER_PREFIX + to_hf_key(pm.base_model, n): pm.get_grad(n)     # GPT-2: names kept
+                  for n, _ in pm.named_parameters(trainable_only=True)}
 
 
 def compare_grads(ours, theirs, prefix="grad."):
@@ -131,15 +130,12 @@ def test_the_sharded_case_is_sharded_and_names_are_huggingfaces(made):
 @needs_hf
 @pytest.mark.parametrize("name", ["gpt2", "opt"])
 def test_a_peft_adapter_gives_pefts_logits_and_gradients(made, name):
-    """GPT-2: ``PeftModel.from_pretrained(load_hf_checkpoint(dir), adapter_dir)`` as in peft
-    (fan_in_fan_out=True on c_attn, c_proj); OPT (our mini GPT's names): ``import_lora_adapter``."""
+    """``PeftModel.from_pretrained(load_hf_checkpoint(dir), adapter_dir)``, as in peft: GPT-2
+    with fan_in_fan_out=True on c_attn, c_proj (its names are peft's), OPT through the name table."""
     root, items = made
     model, adapter = load_hf_checkpoint(items[name]["dir"]), items[name]["adapter_dir"]
-    if name == "gpt2":
-        pm = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        assert pm.peft_config["default"].fan_in_fan_out is True
-    else:
-        pm = hf_export.import_lora_adapter(model, adapter, is_trainable=True)
+    pm = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    assert pm.peft_config["default"].fan_in_fan_out is (name == "gpt2")
     theirs = load_file(items[name]["out"])
     ids, targets = batch()
     diff = float(np.abs(pm(ids) - theirs["adapter_logits"]).max())
@@ -166,7 +162,7 @@ def _qlora(items, root):
 
 
 def _trained_here(name, items, root, steps=5):
-    """An adapter trained here for a few AdamW steps, exported in peft's layout."""
+    """An adapter trained here for a few AdamW steps, saved with ``save_pretrained`` (peft's layout)."""
     pm = get_peft_model(load_hf_checkpoint(items[name]["dir"]),
                         LoraConfig(r=4, lora_alpha=8, target_modules=OURS[name]))
     ids, targets = batch()
@@ -177,7 +173,9 @@ def _trained_here(name, items, root, steps=5):
         pm.backward(dlogits)
         optimizer.step()
     out = str(root / f"{name}_ours")
-    hf_export.export_adapter(pm, out, base_model_name_or_path=items[name]["dir"])
+    pm.save_pretrained(out)
+    assert json.loads(open(os.path.join(out, "adapter_config.json")).read())["base_model_name_or_path"] \
+        == items[name]["dir"]
     task = dict(arch=CASES[name]["arch"], base=items[name]["dir"], adapter=out,
                 out=str(root / f"{name}_ours.st"), steps=3)
     return pm, task
@@ -223,14 +221,14 @@ def test_an_adapter_trained_here_runs_in_peft_and_keeps_training(checked, name):
 
 
 def test_our_adapter_files_use_pefts_names(tmp_path):
-    """No torch needed: a GPT-2 adapter exports with peft's keys and fan_in_fan_out=True."""
+    """No torch needed: a GPT-2 adapter saves with peft's keys and fan_in_fan_out=True."""
     from gpt2 import GPT2LMHeadModel
     from minigpt import GPTConfig
     config = GPTConfig(vocab_size=V, context_length=16, d_model=16, n_layers=1, n_heads=2)
     pm = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=2, target_modules=["c_attn", "c_proj"]))
     for _, p in pm.named_parameters(trainable_only=True):      # B = 0 would hide a swap
         p[...] = np.random.default_rng(1).standard_normal(p.shape)
-    hf_export.export_adapter(pm, tmp_path)
+    pm.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True and cfg["target_modules"] == ["c_attn", "c_proj"]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
