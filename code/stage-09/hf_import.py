@@ -259,7 +259,7 @@ def load_hf_checkpoint(directory, dtype=np.float32, max_memory=None):
     ``max_memory`` (bytes) replaces the available memory as the limit. The result
     is a ``gpt2.GPT2LMHeadModel`` (Hugging Face's names) or a ``minigpt.GPT`` (OPT).
     """
-    directory = os.fspath(directory)
+    directory = os.path.expanduser(os.fspath(directory))
     raw = read_config(directory)
     to_config, model_cls, layout, hf_key = ARCHITECTURES[raw["model_type"]]
     config = to_config(raw, directory, dtype)

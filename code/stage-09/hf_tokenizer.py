@@ -198,7 +198,7 @@ def load_hf_tokenizer(directory, model=None) -> ByteLevelBPETokenizer:
     (or, without ``model``, below the ``vocab_size`` of a ``config.json`` in the
     same folder); otherwise a ``ValueError`` before anything is returned.
     """
-    directory = os.fspath(directory)
+    directory = os.path.expanduser(os.fspath(directory))
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         parts = _from_tokenizer_json(os.path.join(directory, "tokenizer.json"))
     elif all(os.path.isfile(os.path.join(directory, n)) for n in ("vocab.json", "merges.txt")):
