@@ -136,10 +136,13 @@ class ByteLevelBPETokenizer:
         return {"input_ids": self.encode(text)}
 
     def decode(self, ids) -> str:
-        unknown = [int(i) for i in ids if int(i) not in self.id_to_token]
-        if unknown:
-            raise ValueError(f"token id {unknown[0]} is not in this vocabulary (ids 0..{self.max_id})")
-        tokens = [self.id_to_token[int(i)] for i in ids]
+        """The text of ``ids``. An id the vocabulary lacks decodes to nothing, as in Hugging
+        Face: a model may have more rows than its tokenizer has tokens (OPT: 50,272 for
+        50,265), and an untrained row can still be generated. A negative id is an error."""
+        ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise ValueError(f"token ids must be >= 0, got {min(ids)}")
+        tokens = [self.id_to_token[i] for i in ids if i in self.id_to_token]
         out, pending = [], []
         for token in tokens + [None]:
             if token is None or token in self.added:        # flush the byte run, then the added token

@@ -102,3 +102,10 @@ def test_the_byte_vocabulary_encodes_one_token_per_byte(tmp_path):
     text = TEXTS[0]
     assert len(tok.encode(text)) == len(text.encode("utf-8")) and tok.decode(tok.encode(text)) == text
     assert len(tok) == 257 and tok.eos_token_id == 256
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing_as_in_hugging_face():
+    tok = byte_only_tokenizer()
+    assert tok.decode(tok.encode("ab") + [10_000] + tok.encode("c")) == "abc"
+    with pytest.raises(ValueError, match=">= 0"):
+        tok.decode([-1])
