@@ -307,6 +307,7 @@ def print_projections(proj):
 def report(results) -> str:
     """``results/bench_gpt2/README.md``: every number below comes from ``results.json``."""
     s, gen = results["step"], results["generation"]
+    share = 50257 * 768 / next(iter(results["memory"].values()))["num_params"]   # GPT-2's wte
     lines = ["# GPT-2 small in NumPy: measured", "",
              f"Written by `bench/bench_gpt2.py`{' --quick' if results['quick'] else ''} from `results.json`; "
              f"random weights saved by `transformers` (no quality is measured here). Machine: 2 cores "
@@ -337,6 +338,10 @@ def report(results) -> str:
               "Weights, gradients and optimizer state (no activations): frozen bytes per base parameter "
               f"and state bytes per trainable parameter as measured above; LoRA trains r = {RANK} on the "
               "query and value projections of every layer (the course's ~4 M at 7B).", "",
+              f"The \"NF4 linears\" row keeps GPT-2's embedding table in float32, {100 * share:.0f} % of its "
+              f"weights (50,257 x 768); at 7B (a 32,000-token table) the embeddings are "
+              f"{100 * 32000 * SIZES['7B']['d_model'] / SIZES['7B']['params']:.0f} % of the weights, so that "
+              "row overstates 7B and 70B and the all-NF4 row is the closer projection for either.", "",
               "| setup | frozen B / param | state B / trainable | 7B GB | 70B GB |", "|---|---|---|---|---|"]
     for name, p in results["projections"].items():
         lines.append(f"| {name} | {p['frozen_bytes_per_param']:.3f} | {p['state_bytes_per_trainable']:.1f} | "
