@@ -27,7 +27,7 @@ DOC = ROOT / "docs" / "ARCHITECTURE.md"
 # The PEFT core's layers, bottom to top (docs/ARCHITECTURE.md): a module may import
 # only from its own layer or below.
 CORE_LAYERS = [
-    ["validate", "nn", "targets", "nf4", "gradcheck"],
+    ["validate", "module", "nn", "targets", "nf4", "gradcheck"],
     ["minigpt", "quantization", "optim", "accounting"],
     ["lora", "adapters", "soft_prompts", "dora", "peft_config"],
     ["peft_base", "peft_methods", "ia3", "bottleneck"],
