@@ -9,7 +9,6 @@
   the registered methods, and its worked example (a new method) runs.
 """
 import ast
-import os
 import re
 import subprocess
 import sys

@@ -137,7 +137,7 @@ def test_module_counts_parameters_once_for_every_class():
     """``Module`` provides ``parameters``/``gradients``/``num_parameters`` (no overrides):
     ``trainable_only`` is honoured, a missing parameter is never listed as ``None``, and
     the course's ``LoRALinear`` lists what trains, as the course does."""
-    from minigpt import GPT, GPTConfig
+    from minigpt import GPTConfig
     from peft import LoRALayer, LoRALinear, PrefixTuningConfig
     from peft_methods import PrefixEncoder
     cfg = GPTConfig(vocab_size=11, context_length=8, d_model=8, n_layers=2, n_heads=2)
