@@ -150,6 +150,18 @@ class Module:
         else:
             current += grad
 
+    def check_backward(self, dout, cache: str, shape_of=None) -> None:
+        """Refuse a ``backward`` with no ``forward`` before it (the attribute ``cache`` is
+        missing) or whose ``dout`` does not have the shape of the forward's output."""
+        saved = getattr(self, cache, None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward "
+                               f"(nothing cached to differentiate)")
+        expected = tuple(shape_of(saved)) if shape_of else saved.shape
+        if np.shape(dout) != expected:
+            raise ValueError(f"{type(self).__name__}.backward: dout has shape {np.shape(dout)}, "
+                             f"but the forward's output had shape {expected}")
+
     def wants_grad(self, name: str) -> bool:
         return name not in self.frozen and getattr(self, name, None) is not None
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from module import Module, ModuleList, Parameter, parameter_owner, set_submodule  # noqa: F401
+from validate import as_array, check_int, check_number
 
 
 class Linear(Module):
@@ -25,6 +26,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
         super().__init__()
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         bound = 1.0 / math.sqrt(in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -41,6 +44,7 @@ class Linear(Module):
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def backward(self, dout):
+        self.check_backward(dout, "x", lambda x: (*x.shape[:-1], self.out_features))
         d2 = dout.reshape(-1, self.out_features)            # (N, out)
         if self.wants_grad("weight"):                       # skipped when frozen
             self._accumulate("weight", d2.T @ self.x.reshape(-1, self.in_features))  # (out, in)
@@ -76,6 +80,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32, std=0.02):
         super().__init__()
+        check_int("num_embeddings", num_embeddings, 1)
+        check_int("dim", dim, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = (rng.standard_normal((num_embeddings, dim)) * std).astype(dtype)
@@ -90,6 +96,7 @@ class Embedding(Module):
         return self.weight[ids]                             # (*ids.shape, dim)
 
     def backward(self, dout):
+        self.check_backward(dout, "ids", lambda ids: (*ids.shape, self.dim))
         if self.wants_grad("weight"):                       # np.add.at, only faster
             self._accumulate("weight", scatter_add_rows(self.ids, dout.reshape(-1, self.dim),
                                                         self.num_embeddings))
@@ -110,6 +117,8 @@ class LayerNorm(Module):
 
     def __init__(self, dim, eps=1e-5, dtype=np.float32):
         super().__init__()
+        check_int("dim", dim, 1)
+        check_number("eps", eps, 0.0, inclusive=False)
         self.dim, self.eps = dim, eps
         self.weight = np.ones(dim, dtype=dtype)
         self.bias = np.zeros(dim, dtype=dtype)
@@ -127,6 +136,7 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dout):
+        self.check_backward(dout, "xhat")
         D, xhat = self.dim, self.xhat
         if self.wants_grad("weight"):                       # sum over rows of dout * xhat
             self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D),
@@ -173,6 +183,7 @@ class GELU(Module):
         return x * s                                        # (..., F)
 
     def backward(self, dout):
+        self.check_backward(dout, "x")
         x, s = self.x, self.s
         g = x * x                                           # x^2
         g *= 2 * 3 * _GELU_A * _GELU_C
@@ -192,6 +203,7 @@ class ReLU(Module):
         return x * self.mask
 
     def backward(self, dout):
+        self.check_backward(dout, "mask")
         return dout * self.mask
 
 
@@ -201,8 +213,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        check_number("p", p, 0.0, 1.0, high_inclusive=False, where=" (the dropout probability)")
         self.p = p
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.mask = None
@@ -234,15 +245,26 @@ def softmax(x, axis=-1):
     return e
 
 
-def cross_entropy(logits, targets, ignore_index=-100):
+IGNORE_INDEX = -100    # a target equal to it is not counted (Hugging Face's label padding)
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     """Mean token cross-entropy and its gradient.
 
     logits ``(..., V)``, targets ``(...)`` of ints; positions whose target equals
     ``ignore_index`` add nothing. The loss is averaged over the other positions
     (as ``torch.nn.functional.cross_entropy``). Returns ``(loss, dlogits)``.
+    When *every* target is ignored there is nothing to average: the loss is NaN
+    and ``dlogits`` is zero, exactly as in PyTorch (never a perfect-looking 0.0).
     """
-    logits = np.asarray(logits)
-    targets = np.asarray(targets)
+    logits = as_array("logits", logits)
+    targets = as_array("targets", targets)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a class axis (..., V) with V >= 1, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floats, got dtype {logits.dtype}")
+    if targets.size and not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree: "
                          f"targets must have shape {logits.shape[:-1]}")
@@ -259,7 +281,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     probs = np.exp(shifted)                                 # (N, V)
     sumexp = np.einsum("nv->n", probs)                      # (N,), row sums (fast einsum)
     nll = np.log(sumexp) - shifted[rows, safe_t]            # -log p(target)
-    loss = float((nll * keep).sum() / count)
+    loss = float((nll * keep).sum() / count) if keep.any() else float("nan")
     probs /= sumexp[:, None]                                # softmax
     dlogits = probs                                         # dL/dlogits = (p - onehot) / count
     dlogits[rows, safe_t] -= 1.0
