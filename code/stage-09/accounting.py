@@ -101,6 +101,24 @@ def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer=
             "bytes_per_param": total / num_params}
 
 
+def step_matmul_flops(config, batch, seq, trainable=True) -> int:
+    """Matmul FLOPs of one training step of the mini GPT (2 per multiply-add), counted by hand.
+
+    ``config``: a ``GPTConfig`` (``d_model``, ``vocab_size``, ``n_layers``).
+    Forward: ``2 N in out`` per linear (N = batch*seq tokens; q, k, v, out_proj,
+    fc1, fc2), ``QK^T`` and ``AV`` at ``2 B T T D`` each (the masked half is
+    computed too), and the tied head ``2 N D V``. Backward: two matmuls per
+    trainable weight (dx and dW), one per frozen weight (its dW is skipped);
+    attention always needs four (dA, dV, dQ, dK).
+    """
+    N, D, V = batch * seq, config.d_model, config.vocab_size
+    linears = 2 * N * (4 * D * D + 2 * D * 4 * D)           # per layer, forward
+    attention = 2 * (2 * batch * seq * seq * D)             # per layer, forward
+    head = 2 * N * D * V
+    weight_passes = 3 if trainable else 2                   # forward + backward
+    return config.n_layers * (weight_passes * linears + 3 * attention) + weight_passes * head
+
+
 def memory_report(model, optimizer=None) -> dict:
     """Real bytes held now: frozen weights, trainable weights, gradients, optimizer state.
 
