@@ -40,14 +40,17 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
                          adapter_bottleneck=64, prefix_length=10, prompt_length=20) -> dict:
     """Trainable parameters of each method, counted the course's way.
 
-    Full fine-tuning counts the attention weights only (4 d^2 per layer), the
-    base the others are compared against. LoRA sits on Q and V; adapters are two
-    per layer without biases; prefix tuning stores keys and values per layer.
+    The ``full_fine_tuning`` row counts the **attention weights only** (4 d^2 per
+    layer: 2,147,483,648 at the 7B defaults), the base the others' ``ratio`` is
+    taken against -- not the whole model, which also has its MLP, embeddings and
+    norms (``llama_parameter_count``: 6,738,415,616 for LLaMA-7B). LoRA sits on Q
+    and V; adapters are two per layer without biases; prefix tuning stores keys
+    and values per layer.
     """
     d_head = d_model // num_heads
     full = num_layers * 4 * d_model * d_model
     rows = {
-        "full_fine_tuning": (full, "update every attention weight"),
+        "full_fine_tuning": (full, "attention weights only (4 d^2 per layer), not the whole model"),
         "lora": (num_layers * 2 * lora_rank * 2 * d_model,
                  f"rank-{lora_rank} updates B A on W_q and W_v"),
         "adapters": (num_layers * 2 * 2 * d_model * adapter_bottleneck,
@@ -59,6 +62,24 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
     }
     return {name: {"params": p, "ratio": p / full, "description": desc}
             for name, (p, desc) in rows.items()}
+
+
+def llama_parameter_count(d_model=4096, num_layers=32, d_ff=11008, vocab_size=32000,
+                          tied_embeddings=False) -> dict:
+    """Every parameter of a LLaMA-style decoder (multi-head attention, gated MLP, RMSNorm).
+
+    Per layer: q, k, v, o (``4 d^2``, no biases), the gated MLP's gate, up and down
+    projections (``3 d d_ff``) and two norm weights (``2 d``); plus the token
+    embedding, the LM head (unless tied) and the final norm. The defaults are
+    LLaMA-7B's (6,738,415,616); ``d_model=8192, num_layers=80, d_ff=22016`` is
+    LLaMA-65B's. Not for grouped-query models (LLaMA-2-70B), whose k and v are smaller.
+    """
+    attention = num_layers * 4 * d_model * d_model
+    mlp = num_layers * 3 * d_model * d_ff
+    embeddings = vocab_size * d_model * (1 if tied_embeddings else 2)
+    norms = d_model * (2 * num_layers + 1)
+    return {"attention": attention, "mlp": mlp, "embeddings": embeddings, "norms": norms,
+            "total": attention + mlp + embeddings + norms}
 
 
 def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer="adamw",

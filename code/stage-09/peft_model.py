@@ -6,7 +6,7 @@
     logits = peft_model(tokens); peft_model.backward(dlogits)   # only LoRA params get grads
 
 Each method plugs in through one ``Method`` object (registered per config type)
-that says where it touches the model (DESIGN.md's table):
+that says where it touches the model (docs/DESIGN.md's table):
 
 * layer methods (LoRA, DoRA, (IA)3, bottleneck adapters) wrap modules of the base
   model; the wrapper keeps the base module as ``base_layer`` and exposes one
