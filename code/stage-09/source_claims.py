@@ -23,7 +23,10 @@ import numpy as np
 
 from accounting import (compare_peft_methods, estimate_finetune_memory, llama_parameter_count,
                         step_matmul_flops)
+from alpha_scaling import RANKS, best_lr_spread, rank_sensitivity, read_runs
+from minigpt import GPT
 from nf4 import quantize_nf4
+from pretrain import BASE_CONFIG
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
@@ -124,8 +127,7 @@ def claims() -> list[dict]:
         "{} + {} + {} = {}".format(*(gb(mem(GPT3, dtype='fp16')[k]) for k in
                                      ("weights", "gradients", "optimizer_states", "total"))),
         "recomputed", "`estimate_finetune_memory`; exercise 9.1")
-    base_cfg = __import__("pretrain").BASE_CONFIG
-    ratio = step_matmul_flops(base_cfg, 32, 64) / (32 * 64 * _gpt_params(base_cfg))
+    ratio = step_matmul_flops(BASE_CONFIG, 32, 64) / (32 * 64 * _gpt_params(BASE_CONFIG))
     add("~6 operations per parameter per token (forward + backward)", "001 Quick math",
         f"{6 * GPT3 * 32 * 512:.3g} per 32x512 batch, {6 * GPT3 * 32 * 512 / 1e14:.0f} s at 100 TFLOPS, "
         f"{6 * GPT3 * 1e12 / 1e18 * 0.1:,.0f} kWh per 1T tokens; mini GPT step: {ratio:.2f} per parameter-token",
@@ -235,7 +237,6 @@ def claims() -> list[dict]:
 
 
 def _gpt_params(config) -> int:
-    from minigpt import GPT
     return sum(p.size for _, p in GPT(config).named_parameters())
 
 
@@ -257,7 +258,6 @@ def _alpha_result():
     path = os.path.join(ROOT, "results", "alpha_r", "runs.csv")
     if not os.path.exists(path):
         return "(run alpha_scaling.py)", "not run"
-    from alpha_scaling import RANKS, best_lr_spread, rank_sensitivity, read_runs
     rows = read_runs(path)
     spread, sens = best_lr_spread(rows), rank_sensitivity(rows)
     text = (f"r in {RANKS}, same lr: validation CE differs across r by up to {sens['alpha/r']:.1f}x "
