@@ -176,11 +176,14 @@ def plot(rows, path):
         ax.set_yscale("log")
         ax.set_xlabel("learning rate (AdamW, peak of warm-up + cosine)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="star: best lr", loc="upper right")
     axes[0].set_ylabel("validation answer cross-entropy (nats/token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    star = plt.Line2D([], [], marker="*", ms=14, color="white", mec="black", ls="")
+    fig.legend(handles + [star], labels + ["best lr of that rank"], loc="lower center",
+               ncol=len(labels) + 1, frameon=False)
     fig.suptitle(f"LoRA on every linear, {TASK}, {rows[0]['steps']} steps: "
                  "does the best learning rate move with the rank?")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
