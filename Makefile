@@ -33,4 +33,4 @@ clean:
 .PHONY: test-hf
 test-hf: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[hf]"
-	REQUIRE_HF=1 $(PY) -m pytest -q code/stage-09/tests/test_hf_export.py
+	REQUIRE_HF=1 $(PY) -m pytest -q code/stage-09/tests/test_hf_export.py code/stage-09/tests/test_adapter_files.py

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checking import Result, run_check  # noqa: E402
-from registry import Exercise, all_exercises, find  # noqa: E402
+from catalog import Exercise, all_exercises, find  # noqa: E402
 
 LABEL = {"passed": "PASSED", "not_implemented": "NOT IMPLEMENTED YET", "failed": "FAILED",
          "error": "CHECKER ERROR"}

@@ -41,7 +41,7 @@ def check_prefix_mlp(mod, t):
     t.ok("table() matches the library's PrefixEncoder (prefix_projection=True)")
 
     grad = randn(rng, L, 2, P, H, dh)
-    ref.layer_prefixes(1)
+    ref.layer_prefixes()
     ref.backward_from_layers([SimpleNamespace(self_attn=SimpleNamespace(prefix_grad=(grad[i, 0], grad[i, 1])))
                               for i in range(L)])
     pm.table()

@@ -7,7 +7,8 @@
 * ``ours``: added by this module (backward passes and methods the course skips).
 
 Checkers register themselves with ``@exercise(...)`` in the ``checks_*.py`` files;
-``all_exercises()`` imports them and returns the list in order.
+``catalog.all_exercises()`` imports them and returns the list in order (this
+module imports no checker, so the checkers can import it without a cycle).
 """
 from __future__ import annotations
 
@@ -52,26 +53,5 @@ def exercise(id: str, slug: str, title: str, kind: str):
     return deco
 
 
-def _key(ex: Exercise):
+def order_key(ex: Exercise):
     return tuple(int(part) for part in ex.id.split("."))
-
-
-def all_exercises() -> list[Exercise]:
-    import checks_adapters  # noqa: F401  (each import registers its checkers)
-    import checks_lora  # noqa: F401
-    import checks_lora_variants  # noqa: F401
-    import checks_prefix  # noqa: F401
-    import checks_quant  # noqa: F401
-    import checks_tools  # noqa: F401
-    return sorted(_REGISTRY.values(), key=_key)
-
-
-def find(selector: str) -> list[Exercise]:
-    """``"9.6"``, ``"ex9_6"``, ``"lora_backward"`` or ``"all"`` -> the matching exercises."""
-    exercises = all_exercises()
-    if selector == "all":
-        return exercises
-    exact = [e for e in exercises if selector in (e.id, e.slug)]
-    if exact:
-        return exact
-    return [e for e in exercises if selector.replace("-", "_") in e.slug]

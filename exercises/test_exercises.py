@@ -13,7 +13,7 @@ import pytest
 
 import check
 import make_stubs
-from registry import all_exercises
+from catalog import all_exercises
 
 EXERCISES = all_exercises()
 IDS = [e.slug for e in EXERCISES]

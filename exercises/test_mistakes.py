@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from checking import run_check
-from registry import find
+from catalog import find
 
 # (exercise, text in the solution, replacement, phrase expected in the message)
 MISTAKES = [

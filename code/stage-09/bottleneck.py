@@ -2,7 +2,7 @@
 
 Not in Hugging Face ``peft``: AdapterHub's ``adapters`` library has them, under
 the names used here (``houlsby``, ``pfeiffer``, ``parallel``). Each adapter is the
-course's ``peft.Adapter``: ``h + f(h W_down + b_down) W_up + b_up`` with
+course's ``adapters.Adapter``: ``h + f(h W_down + b_down) W_up + b_up`` with
 ``W_up = 0`` at the start, so the adapted model starts *exactly* at the base model
 (Houlsby et al. 2019, §2.1 use a near-identity init for the same reason).
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from adapters import Adapter
 from nn import Module
-from peft import Adapter
+from peft_base import AdapterState, Method, register, wrap_or_reuse
 from peft_config import BottleneckConfig
-from peft_model import AdapterState, Method, register, wrap_or_reuse
 
 PLACEMENTS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",), "parallel": ("self_attn", "mlp")}
 
@@ -33,9 +33,9 @@ PLACEMENTS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",), "parallel":
 class BottleneckWrapper(Module):
     """A block sublayer plus the adapter in slot ``adapter`` (``None``: base only).
 
-    ``forward(x, **kwargs)`` is ``adapter(sublayer(x, **kwargs))`` for a serial
-    adapter and ``sublayer(x, **kwargs) + adapter.branch(x)`` for a parallel one
-    (``adapter.parallel``; a plain ``peft.Adapter`` is serial). Keyword arguments
+    ``forward(x, **kwargs)`` is ``h + adapter.branch(h)`` with ``h = sublayer(x, **kwargs)``
+    for a serial adapter and ``sublayer(x, **kwargs) + adapter.branch(x)`` for a parallel one
+    (``adapter.parallel``; a plain ``Adapter`` is serial). Keyword arguments
     (attention's ``attention_mask`` and ``prefix``) go to the sublayer untouched.
     ``disabled`` gives the base sublayer.
 
@@ -85,14 +85,14 @@ class BottleneckWrapper(Module):
                       else "parallel" if getattr(self.adapter, "parallel", False) else "serial")
         h = self.base_layer(x, **kwargs)                    # (B, T, D) the sublayer
         if self._mode == "serial":
-            return self.adapter(h)                          # h + branch(h)
+            return h + self.adapter.branch(h)               # the adapter reads the output
         if self._mode == "parallel":
             return h + self.adapter.branch(x)               # branch reads the sublayer input
         return h
 
     def backward(self, dout):
         if self._mode == "serial":
-            return self.base_layer.backward(self.adapter.backward(dout))
+            return self.base_layer.backward(dout + self.adapter.branch_backward(dout))
         dx = self.base_layer.backward(dout)                 # (B, T, D)
         if self._mode == "parallel":
             dx = dx + self.adapter.branch_backward(dout)
@@ -111,7 +111,7 @@ def bottleneck_dim(config: BottleneckConfig, d_model: int) -> int:
 
 
 def make_adapter(config: BottleneckConfig, d_model, rng, dtype) -> Adapter:
-    """One ``peft.Adapter`` (bias per the config) marked serial or parallel."""
+    """One ``adapters.Adapter`` (bias per the config) marked serial or parallel."""
     adapter = Adapter(d_model, bottleneck_dim(config, d_model), config.activation,
                       bias=config.bias, rng=rng, dtype=dtype)
     adapter.parallel = config.placement == "parallel"
@@ -139,21 +139,3 @@ class BottleneckMethod(Method):
                 wrap_or_reuse(model, path, BottleneckWrapper, BottleneckWrapper)
                 state.slots[path] = make_adapter(config, c.d_model, rng, c.dtype)
         return state
-
-
-def demo():
-    from minigpt import GPT, GPTConfig
-    from peft_model import get_peft_model
-    base = GPT(GPTConfig(d_model=64, n_layers=2))
-    tokens = np.random.default_rng(0).integers(0, 64, (2, 8))
-    ref = base(tokens)
-    for placement in PLACEMENTS:
-        model = get_peft_model(GPT(GPTConfig(d_model=64, n_layers=2)),
-                               BottleneckConfig(bottleneck_size=8, placement=placement))
-        trainable, total = model.get_nb_trainable_parameters()
-        print(f"{placement:8s} trainable {trainable:,} of {total:,}; "
-              f"starts at the base model: {np.array_equal(model(tokens), ref)}")
-
-
-if __name__ == "__main__":
-    demo()

@@ -18,8 +18,9 @@ Three promises, each tested:
   config) before touching the model, and says which tensor is wrong; a failed
   load leaves the model exactly as it was.
 
-``save_tensors`` / ``load_tensors`` are the low-level pair; PEFT adapters
-(``adapter_model.safetensors``) reuse them with their own ``expected`` shapes.
+``save_tensors`` / ``load_tensors`` are the low-level pair, ``validate_tensors``
+the one check of names, shapes and dtypes and ``load_json`` the one JSON-config
+reader; PEFT adapters (``peft_io``) use the same four.
 """
 from __future__ import annotations
 
@@ -130,11 +131,20 @@ def load_tensors(path, expected: dict | None = None) -> dict:
     return {name: np.array(value, copy=True) for name, value in tensors.items()}
 
 
-def validate_tensors(tensors: dict, expected: dict, source="tensors", allow_missing=False) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
+def validate_tensors(tensors: dict, expected: dict, source="tensors", allow_missing=False,
+                     labels: dict | None = None) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor.
+
+    The one validator for model checkpoints and adapters (``peft_io``). ``labels``
+    maps a name to how the message should show it (e.g. with its key in a
+    Hugging Face file).
+    """
+    def label(name):
+        return (labels or {}).get(name, name)
+
     problems = []
     missing = [n for n in expected if n not in tensors]
-    unexpected = [n for n in tensors if n not in expected]
+    unexpected = [label(n) for n in tensors if n not in expected]
     if missing and not allow_missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
     if unexpected:
@@ -145,9 +155,10 @@ def validate_tensors(tensors: dict, expected: dict, source="tensors", allow_miss
         shape, dtype = spec
         got = tensors[name]
         if shape is not None and tuple(got.shape) != tuple(shape):
-            problems.append(f"{name}: shape {tuple(got.shape)} in {source}, expected {tuple(shape)}")
+            problems.append(f"{label(name)}: shape {tuple(got.shape)} in {source}, "
+                            f"expected {tuple(shape)}")
         if dtype is not None and np.dtype(got.dtype) != np.dtype(dtype):
-            problems.append(f"{name}: dtype {np.dtype(got.dtype).name} in {source}, "
+            problems.append(f"{label(name)}: dtype {np.dtype(got.dtype).name} in {source}, "
                             f"expected {np.dtype(dtype).name}")
     if problems:
         raise ValueError(f"{source} does not match:\n  " + "\n  ".join(problems))
@@ -218,4 +229,5 @@ def load_model(directory) -> GPT:
     """Build a ``GPT`` from ``config.json`` and fill it from ``model.safetensors``."""
     model = GPT(load_config(directory))
     load_into(model, directory)
+    model.name_or_path = os.fspath(directory)   # what adapters record as their base
     return model

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from peft import LoRALayer
+from lora import LoRALayer
 
 
 def row_norm(W):
@@ -40,7 +40,7 @@ class DoRALayer(LoRALayer):
     """``LoRALayer`` plus a trainable magnitude ``magnitude (out,)``.
 
     Constructed with ``LoRALayer``'s arguments, then ``init_magnitude(W)`` with the
-    frozen weight (``peft_methods.make_lora_layer`` does both for
+    frozen weight (``peft_methods.new_lora_layer`` does both for
     ``LoraConfig(use_dora=True)``). ``fixed_norm`` (``None`` normally) replaces
     ``||V||`` by a given constant; it exists so a test can build the loss whose
     exact gradient is the detached one.
@@ -128,12 +128,18 @@ class DoRALayer(LoRALayer):
         return self._forward(x, x @ W.T, W, None)
 
     def backward(self, grad_output):
+        """dx; *sets* the gradients of ``A``, ``B`` and ``magnitude`` (as ``LoRALayer.backward``)."""
+        self.clear_grads()
         d_base, dx = self.adapt_backward(grad_output)
         return d_base @ self.W + dx
 
     # ---- merging ---------------------------------------------------------
     def merge_weights(self, W):
-        """``W' = (m / ||W + s B A||)[:, None] * (W + s B A)``; remembers the scale for unmerging."""
+        """``W' = (m / ||W + s B A||)[:, None] * (W + s B A)``; ``W`` is not changed.
+
+        Unlike LoRA's, this merge cannot be undone from ``W'`` alone (every row of
+        ``W'`` has length ``m``, whatever ``||V||`` was), so the scale ``g`` is
+        remembered for ``unmerge_weights``."""
         V, norm = self.direction(W)
         self._merge_scale = (self.magnitude / norm).astype(W.dtype)   # (out,)
         return self._merge_scale[:, None] * V
@@ -145,17 +151,3 @@ class DoRALayer(LoRALayer):
             raise ValueError("unmerge_weights needs the scale of a previous merge_weights call")
         self._merge_scale = None
         return W_merged / scale[:, None] - self.delta_weight().astype(W_merged.dtype)
-
-    def num_parameters(self):
-        return super().num_parameters() + (0 if self.magnitude is None else self.magnitude.size)
-
-    def parameters(self, trainable_only=False):
-        return [self.A, self.B, self.magnitude]
-
-    def gradients(self):
-        return super().gradients() + [getattr(self, "magnitude_grad", None)]
-
-
-def dora_param_count(r, pairs):
-    """Closed form: ``sum over adapted (in, out) of r (in + out) + out``."""
-    return sum(r * (i + o) + o for i, o in pairs)

@@ -20,7 +20,8 @@ import numpy as np
 def well_scaled(model, seed=0):
     """Re-draw every parameter ~ N(0, 1/fan_in) (in place) so gradients are large
     enough for central differences to resolve: with GPT-2's 0.02 init, key
-    gradients are ~1e-6 and drown in the finite-difference noise."""
+    gradients are ~1e-6 and drown in the finite-difference noise. ``seed`` is an
+    int or a ``np.random.Generator`` (whose stream is then used and advanced)."""
     rng = np.random.default_rng(seed)
     for _, p in model.named_parameters():
         p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])

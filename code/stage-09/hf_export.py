@@ -11,18 +11,9 @@ checkpoint, and its adapters as ``peft`` adapter directories that
 
     python hf_export.py --base ckpt/ --out hf_base/ [--adapter my_adapter/]
 
-Names (one table, ``MODULE_NAMES``, used in both directions)::
-
-    ours                                  Hugging Face OPTForCausalLM
-    embed_tokens / embed_positions        model.decoder.embed_tokens / embed_positions
-    layers.{i}.ln_1                       model.decoder.layers.{i}.self_attn_layer_norm
-    layers.{i}.self_attn.q_proj           model.decoder.layers.{i}.self_attn.q_proj  (k, v, out too)
-    layers.{i}.ln_2                       model.decoder.layers.{i}.final_layer_norm
-    layers.{i}.mlp.fc1 / fc2              model.decoder.layers.{i}.fc1 / fc2
-    ln_f                                  model.decoder.final_layer_norm
-    <path>.lora.A / .lora.B               base_model.model.<hf path>.lora_A.weight / lora_B.weight
-    <path>.lora.magnitude (DoRA)          base_model.model.<hf path>.lora_magnitude_vector
-    <path>.ia3.ia3_l  (n,)                base_model.model.<hf path>.ia3_l  (n, 1) out, (1, n) in
+Names: one table, ``hf_names.MODULE_NAMES``, used in both directions (our
+adapter files, ``PeftModel.save_pretrained``, are already in peft's layout;
+``export_adapter`` writes the same files, minus our extension keys).
 
 Where the two models differ, and what the export does about it:
 
@@ -55,42 +46,23 @@ with safetensors and JSON only: nothing is ever unpickled.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import re
 import sys
 import warnings
 
 import numpy as np
 
-from checkpoint import load_json, load_model, load_tensors, save_json, save_tensors
+from checkpoint import load_json, load_model, save_json, save_tensors
+from hf_names import (ADAPTER_PREFIX, MODULE_NAMES, from_hf_name, hf_targets,  # noqa: F401
+                      to_hf_name)
 from nn import LayerNorm
-from peft_config import LoraConfig
-from peft_io import freeze_adapter, single_active
-from peft_methods import bias_names
-from peft_model import PeftModel, get_peft_model
-from targets import matches
+from peft_io import (CONFIG_NAME as ADAPTER_CONFIG_NAME, HF_WRITERS, SAFETENSORS_METADATA,  # noqa: F401
+                     adapter_files, from_pretrained, load_adapter, prefix_table, single_active,
+                     write_adapter)
+from peft_model import PeftModel
 
-ADAPTER_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 POSITION_OFFSET = 2          # OPTLearnedPositionalEmbedding.offset
-SAFETENSORS_METADATA = {"format": "pt"}     # transformers refuses files without it
-
-# (ours, Hugging Face): module paths; {i} is a layer index, {proj}/{fc} a projection name
-MODULE_NAMES = [
-    ("embed_tokens", "model.decoder.embed_tokens"),
-    ("embed_positions", "model.decoder.embed_positions"),
-    ("layers.{i}.ln_1", "model.decoder.layers.{i}.self_attn_layer_norm"),
-    ("layers.{i}.self_attn.{proj}", "model.decoder.layers.{i}.self_attn.{proj}"),
-    ("layers.{i}.ln_2", "model.decoder.layers.{i}.final_layer_norm"),
-    ("layers.{i}.mlp.{fc}", "model.decoder.layers.{i}.{fc}"),
-    ("ln_f", "model.decoder.final_layer_norm"),
-]
-# (ours, Hugging Face): what follows a module path inside an adapter
-ADAPTER_SUFFIXES = [(".lora.A", ".lora_A.weight"), (".lora.B", ".lora_B.weight"),
-                    (".lora.magnitude", ".lora_magnitude_vector"), (".ia3.ia3_l", ".ia3_l")]
-_FIELDS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|out_proj", "fc": "fc1|fc2"}
 
 
 class PositionConventionWarning(UserWarning):
@@ -98,39 +70,6 @@ class PositionConventionWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------- names
-def _pattern(template):
-    escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
-    return re.compile(re.sub(r"{(\w+)}", lambda m: f"(?P<{m[1]}>{_FIELDS[m[1]]})", escaped)
-                      + r"(?P<tail>(\..*)?)$")
-
-
-def _translate(name, source, target):
-    """Rename the module path at the start of ``name`` (0: ours, 1: Hugging Face)."""
-    for pair in MODULE_NAMES:
-        m = _pattern(pair[source]).match(name)
-        if m:
-            return pair[target].format(**m.groupdict()) + m["tail"]
-    raise ValueError(f"{name!r} is not a parameter of the mini GPT / OPT architecture")
-
-
-def _swap_suffix(name, source, target):
-    for pair in ADAPTER_SUFFIXES:
-        if name.endswith(pair[source]):
-            return name[: -len(pair[source])] + pair[target]
-    return name
-
-
-def to_hf_name(name: str) -> str:
-    """Our dotted name -> the Hugging Face key (``base_model.model.`` not added)."""
-    return _swap_suffix(_translate(name, 0, 1), 0, 1)
-
-
-def from_hf_name(key: str) -> str:
-    """A Hugging Face key (with or without ``base_model.model.``) -> our dotted name."""
-    key = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
-    return _translate(_swap_suffix(key, 1, 0), 1, 0)
-
-
 def hf_prefix_position_ids(seq_len: int, num_virtual_tokens: int) -> np.ndarray:
     """``position_ids`` that make a peft prefix-tuned OPT number tokens 0..T-1 like ours.
 
@@ -214,74 +153,10 @@ def export_base(model, directory, dtype=np.float32, **token_ids) -> str:
 
 
 # -------------------------------------------------------------------- adapters
-def _linear_paths(config):
-    """Every linear a LoRA or (IA)3 config could target, in our names."""
-    return [f"layers.{i}.{m}" for i in range(config.n_layers)
-            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                      "self_attn.out_proj", "mlp.fc1", "mlp.fc2")]
-
-
-def _hf_targets(paths, config):
-    """``target_modules`` for peft: the leaf names if they select exactly ``paths``, else full names."""
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    if {n for n in _linear_paths(config) if matches(n, leaves)} == set(paths):
-        return leaves
-    return sorted(to_hf_name(p) for p in paths)
-
-
-def _lora_export(peft_model, state, dtype):
-    c, gpt = state.config, peft_model.base_model
-    config = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
-              "target_modules": _hf_targets(list(state.slots), gpt.config), "bias": c.bias,
-              "use_rslora": c.use_rslora, "use_dora": c.use_dora, "fan_in_fan_out": False,
-              "init_lora_weights": True, "layers_to_transform": None, "modules_to_save": None,
-              "rank_pattern": {}, "alpha_pattern": {}}    # older peft rejects keys it lacks
-    tensors = {}
-    for path, layer in state.slots.items():
-        for pname, arr in layer.named_parameters():
-            tensors[f"{path}.lora.{pname}"] = arr
-    for name in _lora_bias_names(gpt, state):        # trained in place, in the base model
-        tensors[name] = gpt.get_parameter(name)
-    return config, {ADAPTER_PREFIX + to_hf_name(n): a.astype(dtype) for n, a in tensors.items()}
-
-
-def _lora_bias_names(gpt, state):
-    """The biases ``bias="all"``/``"lora_only"`` trains (from the config: a loaded, frozen
-    adapter has an empty ``state.trainable``, but its biases still differ from the base's)."""
-    if state.config.bias == "all":
-        return bias_names(gpt)
-    if state.config.bias == "lora_only":
-        return [f"{p}.base_layer.bias" for p in state.slots if gpt.get_submodule(p).bias is not None]
-    return []
-
-
-def _ia3_export(peft_model, state, dtype):
-    gpt, tensors = peft_model.base_model, {}
-    for path, vector in state.slots.items():
-        column = vector.ia3_l.astype(dtype)
-        # peft: (1, in) multiplies a feed-forward layer's input, (out, 1) the others' output
-        tensors[ADAPTER_PREFIX + to_hf_name(path) + ".ia3_l"] = (
-            column[None, :] if vector.is_feedforward else column[:, None])
-    ff = [p for p, v in state.slots.items() if v.is_feedforward]
-    targets = _hf_targets(list(state.slots), gpt.config)
-    ff_targets = _hf_targets(ff, gpt.config) if ff else []
-    if any("." in t for t in targets + ff_targets):     # peft wants ff a subset of targets
-        targets = sorted(to_hf_name(p) for p in state.slots)
-        ff_targets = sorted(to_hf_name(p) for p in ff)
-    config = {"target_modules": targets, "feedforward_modules": ff_targets,
-              "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
-    return config, tensors
-
-
-def _prompt_learning_config(gpt, c):
-    return {"num_virtual_tokens": c.num_virtual_tokens, "token_dim": gpt.config.d_model,
-            "num_transformer_submodules": 1, "num_attention_heads": gpt.config.n_heads,
-            "num_layers": gpt.config.n_layers}
-
-
-def _prompt_export(peft_model, state, dtype):
+def _check_expressible(state):
+    """Refuse what peft would compute differently; warn where it needs position_ids."""
     c = state.config
-    if c.position_convention != "shift":
+    if c.peft_type == "PROMPT_TUNING" and c.position_convention != "shift":
         raise ValueError(
             f"this prompt-tuning adapter was trained with position_convention={c.position_convention!r}: "
             f"its soft prompt has no position embedding and the real tokens sit at 0..T-1. "
@@ -289,39 +164,14 @@ def _prompt_export(peft_model, state, dtype):
             f"P..P+T-1 (and ignores position_ids for prompt tuning), so the exported adapter would "
             f"compute different logits. Train with PromptTuningConfig(position_convention='shift') "
             f"to export it.")
-    config = dict(_prompt_learning_config(peft_model.base_model, c), prompt_tuning_init="RANDOM",
-                  tokenizer_name_or_path=None)        # the init is irrelevant once loaded
-    return config, {"prompt_embeddings": state.encoder.prompt.astype(dtype)}
-
-
-def prefix_table(encoder) -> np.ndarray:
-    """Our ``(L, 2, P, H, dh)`` prefix as peft's ``(P, L*2*H*dh)`` embedding.
-
-    peft views it as ``(B, P, L*2, H, dh)`` and permutes to ``(L*2, B, H, P, dh)``:
-    row ``2 l`` of the ``L*2`` axis is layer l's keys, ``2 l + 1`` its values.
-    """
-    table = encoder.table()                                 # (L, 2, P, H, dh)
-    P = table.shape[2]
-    return np.ascontiguousarray(table.transpose(2, 0, 1, 3, 4).reshape(P, -1))   # (P, L*2*D)
-
-
-def _prefix_export(peft_model, state, dtype):
-    gpt, c = peft_model.base_model, state.config
-    if c.position_convention == "keep":
+    if c.peft_type == "PREFIX_TUNING" and c.position_convention == "keep":
         warnings.warn(
             f"peft numbers the real tokens {c.num_virtual_tokens}..{c.num_virtual_tokens}+T-1 "
             f"after a prefix of {c.num_virtual_tokens}; this adapter keeps them at 0..T-1. Pass "
             f"position_ids=hf_export.hf_prefix_position_ids(T, {c.num_virtual_tokens}) (that is, "
             f"arange(T) - {c.num_virtual_tokens}) to the Hugging Face model to get the same "
             f"logits (or train with PrefixTuningConfig(position_convention='shift')).",
-            PositionConventionWarning, stacklevel=3)
-    config = dict(_prompt_learning_config(gpt, c), encoder_hidden_size=gpt.config.d_model,
-                  prefix_projection=False)            # the MLP, if any, is evaluated once
-    return config, {"prompt_embeddings": prefix_table(state.encoder).astype(dtype)}
-
-
-EXPORTERS = {"LORA": _lora_export, "IA3": _ia3_export, "PROMPT_TUNING": _prompt_export,
-             "PREFIX_TUNING": _prefix_export}
+            PositionConventionWarning, stacklevel=4)
 
 
 def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_path=None,
@@ -337,100 +187,36 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
         raise ValueError(f"unknown adapter {name!r}; known adapters: {sorted(peft_model.adapters)}")
     state = peft_model.adapters[name]
     kind = state.config.peft_type
-    if kind not in EXPORTERS:
+    if kind not in HF_WRITERS:
         raise ValueError(f"{kind} has no Hugging Face peft equivalent (peft has LoRA, DoRA, IA3, "
                          f"prompt and prefix tuning). For BitFit or full fine-tuning export the "
                          f"fine-tuned model itself with export_base(model.base_model).")
     _gpt_of(peft_model)                             # refuses merged weights
-    config, tensors = EXPORTERS[kind](peft_model, state, dtype)
-    config = dict(peft_type=kind, task_type="CAUSAL_LM", inference_mode=True,
-                  base_model_name_or_path=base_model_name_or_path, **config)
-    os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, ADAPTER_WEIGHTS_NAME), tensors,
-                 metadata=SAFETENSORS_METADATA)
-    save_json(os.path.join(directory, ADAPTER_CONFIG_NAME), config)
+    _check_expressible(state)
+    config, tensors = adapter_files(peft_model, name, base_model_name_or_path, dtype,
+                                    extensions=False)
+    write_adapter(directory, config, tensors)
     return directory
 
 
 # ------------------------------------------------------------- LoRA back in
-# peft LoRA options that change what the adapter computes and that our LoRA lacks
-_UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
-                "layer_replication", "modules_to_save", "target_parameters", "trainable_token_indices")
-
-
-def _lora_config_from_hf(raw, names, model_config):
-    """Our ``LoraConfig`` for a peft ``adapter_config.json``; the targets are the file's modules."""
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"import_lora_adapter reads LoRA adapters; this one is "
-                         f"peft_type={raw.get('peft_type')!r}")
-    for key in _UNSUPPORTED:
-        if raw.get(key):
-            raise ValueError(f"adapter_config.json sets {key}={raw[key]!r}; our LoRA has no such "
-                             f"option, so the imported adapter would compute something else")
-    paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
-    if not paths:
-        raise ValueError("the adapter file holds no lora_A / lora_B tensors")
-    targets = _hf_targets(paths, model_config)
-    return LoraConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"],
-                      lora_dropout=float(raw.get("lora_dropout", 0.0)), bias=raw.get("bias", "none"),
-                      use_rslora=bool(raw.get("use_rslora", False)),
-                      use_dora=bool(raw.get("use_dora", False)),
-                      target_modules=targets if "." not in targets[0] else paths)
-
-
-def _attach(model, config, adapter_name):
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        model.set_adapter(adapter_name)
-        return model
-    return get_peft_model(model, config, adapter_name)
-
-
-def _check_shapes(expected, tensors, hf_keys, directory):
-    """Same tensors, same shapes -- or a ValueError naming the tensor (both names) and both shapes."""
-    missing = [hf_keys.get(n, ADAPTER_PREFIX + to_hf_name(n)) for n in expected if n not in tensors]
-    extra = [hf_keys[n] for n in tensors if n not in expected]
-    if missing or extra:
-        raise ValueError(f"the adapter in {directory!r} does not fit this model: missing "
-                         f"{missing[:4]}, unexpected {extra[:4]}")
-    for name, live in expected.items():
-        if tensors[name].shape != live.shape:
-            raise ValueError(f"tensor {hf_keys[name]!r} (ours: {name}) has shape "
-                             f"{tuple(tensors[name].shape)} in {directory!r}, but this model "
-                             f"needs {tuple(live.shape)}: was the adapter made for another base?")
-
-
 def import_lora_adapter(model, directory, adapter_name="default", is_trainable=False):
     """Read a peft LoRA (or DoRA) adapter made for an exported base; return our PeftModel.
 
     ``model`` is a GPT (it is wrapped in place, as ``get_peft_model`` does) or a
-    PeftModel (the adapter is added and made active). Everything is read and
-    checked on a copy first; a bad file leaves ``model`` untouched.
+    PeftModel (the adapter is added and made active). The reading is
+    ``PeftModel.from_pretrained``'s (our adapter files are in peft's layout):
+    everything is checked on a copy first; a bad file leaves ``model`` untouched.
     """
-    raw = load_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
-    hf = load_tensors(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
-    tensors, hf_keys = {}, {}
-    for key, arr in hf.items():
-        try:
-            name = from_hf_name(key)
-        except ValueError:
-            raise ValueError(f"tensor {key!r} in {directory!r} names no module of an exported "
-                             f"mini GPT (expected keys like {ADAPTER_PREFIX}model.decoder."
-                             f"layers.0.self_attn.q_proj.lora_A.weight)") from None
-        tensors[name], hf_keys[name] = arr, key
-    gpt = model.base_model if isinstance(model, PeftModel) else model
-    config = _lora_config_from_hf(raw, tensors, gpt.config)
-    try:
-        trial = _attach(copy.deepcopy(model), config, adapter_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import this adapter: {err}") from None
-    _check_shapes(trial.adapter_state_dict(adapter_name), tensors, hf_keys, directory)
-    peft_model = _attach(model, config, adapter_name)
-    for name, live in peft_model.adapter_state_dict(adapter_name).items():
-        live[...] = tensors[name].astype(live.dtype)
-    if not is_trainable:
-        freeze_adapter(peft_model, adapter_name)
-    return peft_model
+    peft_type = load_json(os.path.join(directory, ADAPTER_CONFIG_NAME)).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"import_lora_adapter reads LoRA adapters; this one is "
+                         f"peft_type={peft_type!r}")
+    if not isinstance(model, PeftModel):
+        return from_pretrained(PeftModel, model, directory, adapter_name, is_trainable)
+    load_adapter(model, directory, adapter_name, is_trainable)
+    model.set_adapter(adapter_name)
+    return model
 
 
 # ------------------------------------------------------------------------ CLI

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from nn import Linear, Module
-from peft import LinearWrapper
+from lora import LinearWrapper
+from nn import Module
+from peft_base import AdapterState, Method, find_linear_targets, linear_types, register, wrap_or_reuse
 from peft_config import IA3Config
-from peft_model import AdapterState, Method, register, wrap_or_reuse
-from peft_methods import find_linear_targets, linear_types
 from targets import layer_index, matches
 
 
@@ -98,35 +97,28 @@ class IA3Linear(LinearWrapper):
         return self.base_layer.backward(dout)
 
     # ---- merging ---------------------------------------------------------
-    def _check_mergeable(self, merging):
-        if self.merged == merging:
-            raise ValueError("this (IA)3 layer is already merged; unmerge it first" if merging
-                             else "this (IA)3 layer is not merged; nothing to unmerge")
-        if "weight" not in type(self.base_layer).param_names:
-            raise ValueError(f"cannot merge into a {type(self.base_layer).__name__} in place "
-                             f"(a quantized weight cannot hold the scale exactly); "
-                             f"use merge_and_unload(), which returns a float model")
+    def merged_weights(self):
+        """Pure: ``(W', b')`` with the scale folded in (see the module docstring)."""
+        return ia3_merged(self.weight, self.bias, self.ia3.ia3_l, self.ia3.is_feedforward)
+
+    def adapter_dtype(self):
+        return self.ia3.ia3_l.dtype
 
     def merge_in_place(self):
         """``W <- W'``, ``b <- b'``; refuses a zero scale (unmerging would divide by 0)."""
-        self._check_mergeable(True)
+        self.check_merge(True)
         l = self.ia3.ia3_l
         if np.any(l == 0):
             raise ValueError(f"ia3_l has {int(np.sum(l == 0))} zero entries: merging in place "
                              f"could not be undone; use merge_and_unload()")
-        W, b = ia3_merged(self.weight, self.bias, l, self.ia3.is_feedforward)
-        self.base_layer.weight[...] = W
-        if b is not None:
-            self.base_layer.bias[...] = b
+        self.set_base_weights(*self.merged_weights())
         self.merged = True
 
     def unmerge_in_place(self):
         """Divide the scale back out: ``W = W' / l`` (exact up to rounding)."""
-        self._check_mergeable(False)
-        W, b = ia3_merged(self.weight, self.bias, 1.0 / self.ia3.ia3_l, self.ia3.is_feedforward)
-        self.base_layer.weight[...] = W
-        if b is not None:
-            self.base_layer.bias[...] = b
+        self.check_merge(False)
+        self.set_base_weights(*ia3_merged(self.weight, self.bias, 1.0 / self.ia3.ia3_l,
+                                          self.ia3.is_feedforward))
         self.merged = False
 
 
@@ -163,18 +155,6 @@ class IA3Method(Method):
             size = wrapper.in_features if path in ff else wrapper.out_features
             state.slots[path] = IA3Vector(size, path in ff, dtype=wrapper.weight.dtype)
         return state
-
-    def merge_and_unload_module(self, wrapper: IA3Linear):
-        """A plain ``nn.Linear`` computing what the wrapper computes (float, even for a 4-bit base)."""
-        dtype = wrapper.weight.dtype
-        out = Linear(wrapper.in_features, wrapper.out_features, bias=wrapper.bias is not None,
-                     dtype=dtype)
-        W, b = wrapper.weight, wrapper.bias
-        if not wrapper.merged:
-            W, b = ia3_merged(W, b, wrapper.ia3.ia3_l, wrapper.ia3.is_feedforward)
-        out.weight = np.array(W, dtype=dtype)
-        out.bias = None if b is None else np.array(b, dtype=dtype)
-        return out
 
 
 def ia3_param_count(d_model, n_layers, d_ff=None):

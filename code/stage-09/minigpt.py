@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from validate import positive_int
 
 
 @dataclass
@@ -33,9 +34,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for field in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+            positive_int(getattr(self, field), field, f"GPTConfig.{field}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if not 0.0 <= self.dropout < 1.0:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from validate import positive_int
+
 
 def require_finite(name: str, array: np.ndarray) -> None:
     """Raise ``ValueError`` if ``array`` holds a NaN or an infinity (it would poison
@@ -214,8 +216,7 @@ class NF4Tensor:
 
 
 def check_blocksize(blocksize, numel: int) -> None:
-    if not isinstance(blocksize, (int, np.integer)) or isinstance(blocksize, bool) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
+    positive_int(blocksize, "blocksize")
     if numel % blocksize:
         raise ValueError(f"blocksize={blocksize} does not divide the weight's {numel} "
                          f"elements; choose a divisor (64 divides every d_model here)")

@@ -26,6 +26,7 @@ class Module:
     """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
 
     param_names: tuple[str, ...] = ()
+    lists_frozen_parameters = True          # does parameters() list frozen arrays by default?
 
     def __init__(self):
         self.training = True
@@ -57,8 +58,28 @@ class Module:
                     continue
                 yield (f"{path}.{name}" if path else name), value
 
-    def parameters(self, trainable_only: bool = False) -> list[np.ndarray]:
-        return [p for _, p in self.named_parameters(trainable_only=trainable_only)]
+    def parameters(self, trainable_only: bool | None = None) -> list[np.ndarray]:
+        """The parameter arrays below this module, in ``named_parameters`` order.
+
+        ``trainable_only=None`` takes the class's default: every parameter, except
+        for wrappers whose ``lists_frozen_parameters`` is False (the course's
+        ``LoRALinear`` lists ``[A, B]``, not the frozen weight it wraps).
+        """
+        if trainable_only is None:
+            trainable_only = not self.lists_frozen_parameters
+        return [Parameter.of(value, name not in module.frozen)
+                for _, module in self.named_modules() for name, value in module.own_parameters()
+                if not (trainable_only and name in module.frozen)]
+
+    def gradients(self, trainable_only: bool | None = None) -> list:
+        """``X_grad`` for each array of ``parameters(trainable_only)`` (``None`` if none yet)."""
+        if trainable_only is None:
+            trainable_only = not self.lists_frozen_parameters
+        return [self.get_grad(n) for n, _ in self.named_parameters(trainable_only=trainable_only)]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """How many numbers the parameters hold (the trainable ones with ``trainable_only``)."""
+        return sum(p.size for _, p in self.named_parameters(trainable_only=trainable_only))
 
     def get_submodule(self, path: str) -> "Module":
         module = self
@@ -116,6 +137,12 @@ class Module:
                 trainable = name not in module.frozen
                 setattr(module, name + "_grad", np.zeros_like(value) if trainable else None)
 
+    def clear_grads(self) -> None:
+        """Forget this module's own gradients (``X_grad = None``), so that the next
+        backward *sets* them: the course's standalone layers do this, the model never."""
+        for name in self.param_names:
+            setattr(self, name + "_grad", None)
+
     def _accumulate(self, name: str, grad: np.ndarray) -> None:
         """``X_grad += grad`` (allocating on first use)."""
         current = getattr(self, name + "_grad", None)
@@ -146,6 +173,29 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+
+class Parameter(np.ndarray):
+    """What ``Module.parameters()`` returns: a *view* of a parameter array (same memory,
+    so ``p -= lr * g`` updates the model) that also answers PyTorch's two questions,
+    ``p.numel()`` and ``p.requires_grad``, so Hugging Face-style counting code runs::
+
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    ``requires_grad`` is read when the view is made; freeze with ``requires_grad_``.
+    """
+
+    @classmethod
+    def of(cls, array, requires_grad):
+        view = array.view(cls)
+        view.requires_grad = bool(requires_grad)
+        return view
+
+    def __array_finalize__(self, obj):
+        self.requires_grad = False          # results computed from a parameter are not one
+
+    def numel(self) -> int:
+        return self.size
 
 
 class ModuleList(Module):

@@ -11,22 +11,48 @@ fine-tuning) exist so the comparison runner can treat every method alike.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from validate import one_of, positive_int, positive_number, probability
 
 DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]          # Hugging Face's default for OPT
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 CONFIG_TYPES: dict[str, type] = {}
 
 
+class TaskType(str, enum.Enum):
+    """Hugging Face ``peft``'s task types. The mini GPT is a causal language model, so
+    ``CAUSAL_LM`` is the one a config accepts; the others need heads it does not have."""
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
 def _positive_int(cls_name, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{cls_name}.{name} must be a positive integer, got {name}={value!r}")
+    positive_int(value, name, f"{cls_name}.{name}")
 
 
 def _choice(cls_name, name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{cls_name}.{name} must be one of {list(allowed)}, got {name}={value!r}")
+    one_of(value, name, allowed, f"{cls_name}.{name}")
+
+
+def _task_type(cls_name, value):
+    """``None`` or ``"CAUSAL_LM"`` (``TaskType.CAUSAL_LM`` is the same string)."""
+    if value is None:
+        return None
+    if value != TaskType.CAUSAL_LM.value:
+        known = [t.value for t in TaskType]
+        detail = ("the mini GPT is a causal language model (a decoder with a tied LM head); "
+                  "it has no classification, sequence-to-sequence or extraction head"
+                  if value in known else f"known task types: {known}")
+        raise ValueError(f"{cls_name}.task_type must be 'CAUSAL_LM' (or None), "
+                         f"got task_type={value!r}: {detail}")
+    return TaskType.CAUSAL_LM.value
 
 
 @dataclass
@@ -42,7 +68,12 @@ class PeftConfig:
         if cls.peft_type:
             CONFIG_TYPES[cls.peft_type] = cls
 
+    # None or "CAUSAL_LM" (TaskType.CAUSAL_LM); keyword-only, so it never takes a
+    # subclass's positional argument
+    task_type: str | None = field(default=None, kw_only=True)
+
     def __post_init__(self):
+        self.task_type = _task_type(type(self).__name__, self.task_type)
         self.validate()
 
     def validate(self):
@@ -76,21 +107,18 @@ class LoraConfig(PeftConfig):
     touch_point: ClassVar[str] = "linear"
     r: int = 8
     lora_alpha: float = 8
-    target_modules: object = None
+    target_modules: list[str] | str | None = None    # names, a regex, or "all-linear"
     lora_dropout: float = 0.0
     bias: str = "none"
     use_rslora: bool = False
     use_dora: bool = False
-    init_lora_weights: object = True
-    layers_to_transform: object = None
+    init_lora_weights: bool | str = True             # True, False or "gaussian"
+    layers_to_transform: list[int] | int | None = None
 
     def validate(self):
         _positive_int("LoraConfig", "r", self.r)
-        if isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be > 0, got lora_alpha={self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), "
-                             f"got lora_dropout={self.lora_dropout!r}")
+        positive_number(self.lora_alpha, "lora_alpha", "LoraConfig.lora_alpha")
+        probability(self.lora_dropout, "lora_dropout", "LoraConfig.lora_dropout")
         _choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
         _choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         if self.target_modules is None:
@@ -109,9 +137,9 @@ class IA3Config(PeftConfig):
     peft_type: ClassVar[str] = "IA3"
     mergeable: ClassVar[bool] = True
     touch_point: ClassVar[str] = "linear"
-    target_modules: object = field(default_factory=lambda: ["k_proj", "v_proj", "fc2"])
-    feedforward_modules: object = field(default_factory=lambda: ["fc2"])
-    layers_to_transform: object = None
+    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "fc2"])
+    feedforward_modules: list[str] | str | None = field(default_factory=lambda: ["fc2"])
+    layers_to_transform: list[int] | int | None = None
 
     def validate(self):
         if isinstance(self.target_modules, (list, tuple)) and isinstance(self.feedforward_modules,
@@ -134,8 +162,8 @@ class BottleneckConfig(PeftConfig):
     """
     peft_type: ClassVar[str] = "BOTTLENECK"
     touch_point: ClassVar[str] = "sublayer"
-    bottleneck_size: object = None
-    reduction_factor: object = None
+    bottleneck_size: int | None = None
+    reduction_factor: int | None = None
     activation: str = "relu"
     placement: str = "houlsby"
     bias: bool = True
@@ -154,7 +182,44 @@ class BottleneckConfig(PeftConfig):
 
 
 @dataclass
-class PrefixTuningConfig(PeftConfig):
+class PromptLearningConfig(PeftConfig):
+    """What prefix and prompt tuning share, with Hugging Face's field names.
+
+    ``token_dim``, ``num_layers``, ``num_attention_heads`` describe the model; ``peft``
+    fills them in from the model, and so do we: when given, they must agree with the
+    model (checked when the adapter is attached). ``num_transformer_submodules`` is 1
+    for a decoder; ``peft`` uses 2 for encoder-decoder models (and ignores it for
+    prefix tuning); we accept 1 or 2 and, having one decoder, use one.
+    """
+    num_virtual_tokens: int = 10
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def validate(self):
+        name = type(self).__name__
+        _positive_int(name, "num_virtual_tokens", self.num_virtual_tokens)
+        for f in ("token_dim", "num_attention_heads", "num_layers"):
+            if getattr(self, f) is not None:
+                _positive_int(name, f, getattr(self, f))
+        if self.num_transformer_submodules is not None:
+            _choice(name, "num_transformer_submodules", self.num_transformer_submodules, (1, 2))
+        _choice(name, "position_convention", self.position_convention, ("keep", "shift"))
+
+    def check_model(self, model_config):
+        """Refuse a config that describes another model than ``model_config`` (a GPTConfig)."""
+        for field_name, ours in (("token_dim", model_config.d_model),
+                                 ("num_layers", model_config.n_layers),
+                                 ("num_attention_heads", model_config.n_heads)):
+            given = getattr(self, field_name)
+            if given is not None and given != ours:
+                raise ValueError(f"{type(self).__name__}.{field_name}={given} does not match the "
+                                 f"model, which has {ours}")
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning (Li & Liang 2021). With ``prefix_projection`` the table comes
     from embedding -> Linear -> tanh -> Linear (§4.3), which trains more stably.
 
@@ -164,21 +229,18 @@ class PrefixTuningConfig(PeftConfig):
     """
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     touch_point: ClassVar[str] = "attention_kv"
-    num_virtual_tokens: int = 10
     prefix_projection: bool = False
-    encoder_hidden_size: object = None
+    encoder_hidden_size: int | None = None
     position_convention: str = "keep"
 
     def validate(self):
-        _positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
-        _choice("PrefixTuningConfig", "position_convention", self.position_convention,
-                ("keep", "shift"))
+        super().validate()
         if self.encoder_hidden_size is not None:
             _positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
 
 
 @dataclass
-class PromptTuningConfig(PeftConfig):
+class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning (Lester et al. 2021): a soft prompt before the token embeddings.
 
     ``position_convention``: ``"keep"`` (our default: real tokens keep positions
@@ -188,17 +250,14 @@ class PromptTuningConfig(PeftConfig):
     """
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     touch_point: ClassVar[str] = "input_embeddings"
-    num_virtual_tokens: int = 10
     prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_token_ids: object = None
+    prompt_tuning_init_token_ids: list[int] | None = None
     position_convention: str = "keep"
 
     def validate(self):
-        _positive_int("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        super().validate()
         _choice("PromptTuningConfig", "prompt_tuning_init", self.prompt_tuning_init,
                 ("RANDOM", "SAMPLE_VOCAB", "TEXT"))
-        _choice("PromptTuningConfig", "position_convention", self.position_convention,
-                ("keep", "shift"))
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_token_ids:
             raise ValueError("PromptTuningConfig.prompt_tuning_init='TEXT' needs "
                              "prompt_tuning_init_token_ids (a non-empty list of token ids)")

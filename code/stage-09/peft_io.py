@@ -1,36 +1,54 @@
-"""Saving and loading adapters in the Hugging Face layout.
+"""Adapter files, in Hugging Face ``peft``'s layout: one directory loads here and in ``peft``.
 
     my_adapter/
-      adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, ...}
-      adapter_model.safetensors    only the adapter's tensors (a few KB, not the model)
+      adapter_config.json          {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, ...}
+      adapter_model.safetensors    only the adapter's tensors, under peft's key names:
+                                   base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight
 
-Tensor names are the dotted parameter names in our model
-(``layers.0.self_attn.q_proj.lora.A``); ``hf_export.py`` renames them for
-Hugging Face. Loading reads and validates everything *before* touching the
-model: a corrupt file, a missing or unexpected tensor, or a shape made for
-another base raises ``ValueError`` and leaves the model as it was.
+LoRA (rsLoRA, DoRA, ``bias`` modes), (IA)3, prompt and prefix tuning are written
+exactly as ``peft`` writes them for the equivalent ``OPTForCausalLM`` (the mini
+GPT *is* an OPT decoder; ``hf_names.py`` holds the name table). Two of our
+settings have no ``peft`` field and are kept as extra keys, which ``peft``
+ignores with a warning: ``position_convention: "keep"`` of prompt and prefix
+tuning. Methods ``peft`` lacks (bottleneck adapters, BitFit, full fine-tuning)
+are written in the same files with our own dotted tensor names.
+
+Loading reads either layout, and also the files written before this one (our
+dotted names plus a ``base_model_config`` key; ``tests/fixtures/adapters_v1``).
+Everything is read and validated -- names, shapes *and* dtypes, by
+``checkpoint.validate_tensors``, the one validator for checkpoints and adapters
+-- on a copy of the model *before* the model is touched: a corrupt file, a
+missing or unexpected tensor, or a shape made for another base raises
+``ValueError`` and leaves the model as it was.
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import numpy as np
 
-from checkpoint import atomic_write_text, load_tensors, save_tensors
-from peft_config import PeftConfig
+from checkpoint import load_json, load_tensors, save_json, save_tensors, validate_tensors
+from hf_names import ADAPTER_PREFIX, from_hf_name, hf_targets, our_targets, to_hf_name
+from peft_base import bias_names, method_for
+from peft_config import IA3Config, LoraConfig, PeftConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SAFETENSORS_METADATA = {"format": "pt"}     # what peft writes; transformers expects it
+PROMPT_KEY = "prompt_embeddings"            # peft's one tensor for prompt / prefix tuning
+# peft LoRA options that change what the adapter computes and that our LoRA lacks
+UNSUPPORTED_LORA = ("fan_in_fan_out", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
+                    "layer_replication", "modules_to_save", "target_parameters",
+                    "trainable_token_indices")
 
 
+# ------------------------------------------------------------------ what an adapter holds
 def adapter_state_dict(peft_model, adapter_name=None) -> dict:
-    """``{name: array}`` of one adapter's tensors (the active one by default)."""
+    """``{our dotted name: live array}`` of one adapter's tensors (the active one by default)."""
     name = adapter_name or single_active(peft_model)
     if name not in peft_model.adapters:
         raise ValueError(f"unknown adapter {name!r}; known adapters: {sorted(peft_model.adapters)}")
-    from peft_model import METHODS
     state, base = peft_model.adapters[name], peft_model.base_model
     tensors = {}
     for path, module in state.slots.items():
@@ -38,7 +56,7 @@ def adapter_state_dict(peft_model, adapter_name=None) -> dict:
         for pname, arr in module.named_parameters():
             tensors[f"{path}.{attr}.{pname}"] = arr
     if state.encoder is not None:
-        prefix = METHODS[state.config.peft_type].encoder_attr
+        prefix = method_for(state.config.peft_type).encoder_attr
         for pname, arr in state.encoder.named_parameters():
             tensors[f"{prefix}.{pname}"] = arr
     for pname in state.trainable:
@@ -54,67 +72,223 @@ def single_active(peft_model) -> str:
     return peft_model.active_adapters[0]
 
 
+# ------------------------------------------------------------------ writing
+def _lora_files(peft_model, state):
+    c, gpt = state.config, peft_model.base_model
+    config = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+              "target_modules": hf_targets(list(state.slots), gpt.config), "bias": c.bias,
+              "use_rslora": c.use_rslora, "use_dora": c.use_dora, "fan_in_fan_out": False,
+              "init_lora_weights": c.init_lora_weights, "layers_to_transform": None,
+              "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+    tensors = {f"{path}.lora.{pname}": arr for path, layer in state.slots.items()
+               for pname, arr in layer.named_parameters()}
+    for name in lora_bias_names(gpt, state):        # trained in place, in the base model
+        tensors[name] = gpt.get_parameter(name)
+    return config, {ADAPTER_PREFIX + to_hf_name(n): a for n, a in tensors.items()}
+
+
+def lora_bias_names(gpt, state):
+    """The biases ``bias="all"``/``"lora_only"`` trains (from the config: a loaded, frozen
+    adapter has an empty ``state.trainable``, but its biases still differ from the base's)."""
+    if state.config.bias == "all":
+        return bias_names(gpt)
+    if state.config.bias == "lora_only":
+        return [f"{p}.base_layer.bias" for p in state.slots if gpt.get_submodule(p).bias is not None]
+    return []
+
+
+def _ia3_files(peft_model, state):
+    gpt, tensors = peft_model.base_model, {}
+    for path, vector in state.slots.items():
+        # peft: (1, in) multiplies a feed-forward layer's input, (out, 1) the others' output
+        tensors[ADAPTER_PREFIX + to_hf_name(path) + ".ia3_l"] = (
+            vector.ia3_l[None, :] if vector.is_feedforward else vector.ia3_l[:, None])
+    ff = [p for p, v in state.slots.items() if v.is_feedforward]
+    targets = hf_targets(list(state.slots), gpt.config)
+    ff_targets = hf_targets(ff, gpt.config) if ff else []
+    if any("." in t for t in targets + ff_targets):     # peft wants ff a subset of targets
+        targets = sorted(to_hf_name(p) for p in state.slots)
+        ff_targets = sorted(to_hf_name(p) for p in ff)
+    config = {"target_modules": targets, "feedforward_modules": ff_targets,
+              "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
+    return config, tensors
+
+
+def _prompt_learning_config(gpt, c):
+    return {"num_virtual_tokens": c.num_virtual_tokens, "token_dim": gpt.config.d_model,
+            "num_transformer_submodules": 1, "num_attention_heads": gpt.config.n_heads,
+            "num_layers": gpt.config.n_layers}
+
+
+def _prompt_files(peft_model, state):
+    config = dict(_prompt_learning_config(peft_model.base_model, state.config),
+                  prompt_tuning_init="RANDOM", tokenizer_name_or_path=None)   # irrelevant once loaded
+    return config, {PROMPT_KEY: state.encoder.prompt}
+
+
+def prefix_table(encoder) -> np.ndarray:
+    """Our ``(L, 2, P, H, dh)`` prefix as peft's ``(P, L*2*H*dh)`` embedding.
+
+    peft views it as ``(B, P, L*2, H, dh)`` and permutes to ``(L*2, B, H, P, dh)``:
+    row ``2 l`` of the ``L*2`` axis is layer l's keys, ``2 l + 1`` its values.
+    """
+    table = encoder.table()                                 # (L, 2, P, H, dh)
+    P = table.shape[2]
+    return np.ascontiguousarray(table.transpose(2, 0, 1, 3, 4).reshape(P, -1))   # (P, L*2*D)
+
+
+def _prefix_files(peft_model, state):
+    gpt = peft_model.base_model
+    config = dict(_prompt_learning_config(gpt, state.config), encoder_hidden_size=gpt.config.d_model,
+                  prefix_projection=False)            # the MLP, if any, is evaluated once
+    return config, {PROMPT_KEY: prefix_table(state.encoder)}
+
+
+HF_WRITERS = {"LORA": _lora_files, "IA3": _ia3_files, "PROMPT_TUNING": _prompt_files,
+              "PREFIX_TUNING": _prefix_files}
+
+
+def adapter_files(peft_model, adapter_name, base_model_name_or_path=None, dtype=None,
+                  extensions=True):
+    """``(adapter_config.json dict, {file key: array})`` for one adapter.
+
+    ``extensions``: also write our settings ``peft`` has no field for (see above);
+    ``hf_export`` leaves them out so that ``peft`` loads its files without a warning.
+    """
+    state = peft_model.adapters[adapter_name]
+    kind = state.config.peft_type
+    if kind in HF_WRITERS:
+        config, tensors = HF_WRITERS[kind](peft_model, state)
+        convention = getattr(state.config, "position_convention", "shift")
+        if extensions and convention != "shift":
+            config["position_convention"] = convention
+    else:                                              # no peft equivalent: our names
+        config = {k: v for k, v in state.config.to_dict().items() if k != "peft_type"}
+        tensors = adapter_state_dict(peft_model, adapter_name)
+    config = dict(config, peft_type=kind, task_type="CAUSAL_LM", inference_mode=True,
+                  base_model_name_or_path=base_model_name_or_path)
+    tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
+    return config, tensors
+
+
+def write_adapter(directory, config, tensors):
+    """The two files, each written atomically (``checkpoint.save_tensors`` / ``save_json``)."""
+    os.makedirs(directory, exist_ok=True)
+    save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata=SAFETENSORS_METADATA)
+    save_json(os.path.join(directory, CONFIG_NAME), config)
+
+
 def save_pretrained(peft_model, directory, adapter_name=None):
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
+    """Write each adapter (or only ``adapter_name``) in peft's layout.
 
     With several adapters and no ``adapter_name``, ``"default"`` goes to
     ``directory`` and every other adapter to ``directory/<name>`` (as in ``peft``).
+    ``base_model_name_or_path`` is the base's ``name_or_path`` (set by
+    ``checkpoint.load_model``), or ``None``.
     """
     names = [adapter_name] if adapter_name else list(peft_model.adapters)
+    source = getattr(peft_model.base_model, "name_or_path", None)
     for name in names:
         target = directory if (name == "default" or len(names) == 1) else os.path.join(directory, name)
-        os.makedirs(target, exist_ok=True)
-        config = peft_model.adapters[name].config.to_dict()
-        config["base_model_config"] = peft_model.base_model.config.to_dict()
-        tensors = {k: np.ascontiguousarray(v) for k, v in adapter_state_dict(peft_model, name).items()}
-        save_tensors(os.path.join(target, WEIGHTS_NAME), tensors,
-                     metadata={"format": "np", "peft_type": config["peft_type"]})
-        atomic_write_text(os.path.join(target, CONFIG_NAME), json.dumps(config, indent=2))
+        write_adapter(target, *adapter_files(peft_model, name, source))
 
 
-def read_adapter_dir(directory):
-    """Parse and load an adapter directory; raises ``ValueError`` with the path on any problem."""
+# ------------------------------------------------------------------ reading
+def _config_from_hf(raw, names, shapes, model_config) -> PeftConfig:
+    """Our config for a peft-layout LoRA or (IA)3 file; the targets are the file's modules,
+    so any ``target_modules`` form peft accepts ("all-linear", a regex, ...) reads the same."""
+    kind = raw.get("peft_type")
+    if kind == "LORA":
+        for key in UNSUPPORTED_LORA:
+            if raw.get(key):
+                raise ValueError(f"adapter_config.json sets {key}={raw[key]!r}; our LoRA has no such "
+                                 f"option, so the loaded adapter would compute something else")
+        paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
+        if not paths:
+            raise ValueError("the adapter file holds no lora_A / lora_B tensors")
+        return LoraConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"],
+                          lora_dropout=float(raw.get("lora_dropout", 0.0)),
+                          bias=raw.get("bias", "none"), use_rslora=bool(raw.get("use_rslora", False)),
+                          use_dora=bool(raw.get("use_dora", False)),
+                          target_modules=our_targets(paths, model_config))
+    paths = sorted(n[: -len(".ia3.ia3_l")] for n in names if n.endswith(".ia3.ia3_l"))
+    ff = [p for p in paths if shapes[p + ".ia3.ia3_l"][0] == 1]      # (1, in): input scaled
+    targets = our_targets(paths, model_config)
+    ff_targets = ([] if not ff else sorted(ff) if "." in targets[0] else our_targets(ff, model_config))
+    return IA3Config(target_modules=targets, feedforward_modules=ff_targets)
+
+
+def _our_name(key, directory):
+    if not key.startswith(ADAPTER_PREFIX):
+        return key                                     # our own dotted name
+    try:
+        return from_hf_name(key)
+    except ValueError:
+        raise ValueError(f"tensor {key!r} in {directory!r} names no module of the mini GPT "
+                         f"(expected keys like {ADAPTER_PREFIX}model.decoder.layers.0."
+                         f"self_attn.q_proj.lora_A.weight)") from None
+
+
+def read_adapter_dir(directory, model_config):
+    """``(config, {our name: array}, {our name: key in the file})`` of an adapter directory.
+
+    Reads peft's layout and ours; raises ``ValueError`` with the path on any problem.
+    """
     cfg_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt or truncated")
-    base_cfg = raw.pop("base_model_config", None)
-    config = PeftConfig.from_dict(raw)
-    tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
-    return config, tensors, base_cfg
+    raw = load_json(cfg_path)
+    raw.pop("base_model_config", None)                 # files written before peft's layout
+    file_tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
+    tensors, keys = {}, {}
+    for key, arr in file_tensors.items():
+        if key == PROMPT_KEY:
+            name = ("prefix_encoder.prefix" if raw.get("peft_type") == "PREFIX_TUNING"
+                    else "prompt_encoder.prompt")
+        else:
+            name = _our_name(key, directory)
+        tensors[name], keys[name] = arr, key
+    if PROMPT_KEY in file_tensors:                     # peft's numbering unless we said otherwise
+        raw.setdefault("position_convention", "shift")
+    if raw.get("peft_type") in ("LORA", "IA3") and any(k.startswith(ADAPTER_PREFIX) for k in file_tensors):
+        config = _config_from_hf(raw, tensors, {n: a.shape for n, a in tensors.items()}, model_config)
+    else:
+        config = PeftConfig.from_dict(raw)
+    return config, tensors, keys
 
 
-def check_against(expected: dict, tensors: dict, directory):
-    """Same names and shapes, or a ``ValueError`` naming the tensor and both shapes."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter in {directory!r} does not fit this model: "
-                         f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for name, arr in expected.items():
-        if tensors[name].shape != arr.shape:
-            raise ValueError(f"tensor {name!r}: the adapter file has shape {tensors[name].shape} "
-                             f"but this model expects {arr.shape}; was it trained on another base?")
+def _fit_layouts(tensors, expected):
+    """peft's shapes -> ours, where only the layout differs: an (IA)3 vector ``(n, 1)``/``(1, n)``
+    -> ``(n,)``; a prefix ``(P, L*2*H*dh)`` -> ``(L, 2, P, H, dh)``. Other shapes stay, for the
+    validator to report."""
+    for name, arr in tensors.items():
+        want = expected.get(name)
+        if want is None or arr.shape == want.shape or arr.size != want.size:
+            continue
+        if name.endswith(".ia3_l"):
+            tensors[name] = arr.reshape(-1)
+        elif name == "prefix_encoder.prefix":
+            L, two, P, H, dh = want.shape
+            tensors[name] = arr.reshape(P, L, two, H, dh).transpose(1, 2, 0, 3, 4)
 
 
-def _copy_in(live: dict, tensors: dict):
+def _fill(live, tensors, keys, directory):
+    """Validate ``tensors`` against the adapter's ``live`` arrays, then copy them in."""
+    _fit_layouts(tensors, live)
+    labels = {n: f"{n} ({keys[n]} in the file)" for n in tensors if keys.get(n, n) != n}
+    validate_tensors(tensors, {n: (a.shape, a.dtype) for n, a in live.items()},
+                     source=os.path.join(directory, WEIGHTS_NAME), labels=labels)
     for name, arr in live.items():
-        arr[...] = tensors[name].astype(arr.dtype)
+        arr[...] = tensors[name]
 
 
 def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
-    """Attach the adapter saved in ``directory`` to ``model`` (validated first)."""
-    from peft_model import get_peft_model
-    config, tensors, _ = read_adapter_dir(directory)
-    trial = get_peft_model(copy.deepcopy(model), config, adapter_name)   # dry run on a copy
-    check_against(trial.adapter_state_dict(adapter_name), tensors, directory)
-    peft_model = get_peft_model(model, config, adapter_name)
-    _copy_in(peft_model.adapter_state_dict(adapter_name), tensors)
+    """``cls(model, config)`` with the adapter saved in ``directory`` (validated on a copy first)."""
+    config, tensors, keys = read_adapter_dir(directory, model.config)
+    trial = cls(copy.deepcopy(model), config, adapter_name)             # dry run on a copy
+    _fill(trial.adapter_state_dict(adapter_name), dict(tensors), keys, directory)
+    peft_model = cls(model, config, adapter_name)
+    _fill(peft_model.adapter_state_dict(adapter_name), tensors, keys, directory)
     if not is_trainable:
         freeze_adapter(peft_model, adapter_name)
     return peft_model
@@ -122,12 +296,12 @@ def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=
 
 def load_adapter(peft_model, directory, adapter_name, is_trainable=False):
     """Add the adapter saved in ``directory`` under ``adapter_name`` (not activated)."""
-    config, tensors, _ = read_adapter_dir(directory)
+    config, tensors, keys = read_adapter_dir(directory, peft_model.config)
     trial = copy.deepcopy(peft_model)
     trial.add_adapter(adapter_name, config)
-    check_against(trial.adapter_state_dict(adapter_name), tensors, directory)
+    _fill(trial.adapter_state_dict(adapter_name), dict(tensors), keys, directory)
     peft_model.add_adapter(adapter_name, config)
-    _copy_in(peft_model.adapter_state_dict(adapter_name), tensors)
+    _fill(peft_model.adapter_state_dict(adapter_name), tensors, keys, directory)
     if not is_trainable:
         freeze_adapter(peft_model, adapter_name)
 

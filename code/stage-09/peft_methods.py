@@ -1,11 +1,14 @@
 """Where each PEFT method touches the mini GPT: one ``Method`` per config type.
 
-    LoRA           wraps each targeted Linear in ``peft.LoRALinear`` (slot ``lora``)
+    LoRA           wraps each targeted Linear in ``lora.LoRALinear`` (slot ``lora``)
     prefix tuning  ``PrefixEncoder`` feeds keys/values to every attention layer
     prompt tuning  ``PromptEncoder`` prepends vectors to the token embeddings
     BitFit         makes the biases trainable; adds nothing
     full           makes everything trainable; adds nothing
-    (IA)3, bottleneck adapters: ``ia3.py``, ``bottleneck.py`` (registered below)
+    (IA)3, bottleneck adapters: ``ia3.py``, ``bottleneck.py``
+
+Each is registered when this module is imported; ``peft_model`` imports it (and
+``ia3``, ``bottleneck``), so importing ``peft_model`` registers every method.
 """
 from __future__ import annotations
 
@@ -13,41 +16,13 @@ import math
 
 import numpy as np
 
-from nn import LayerNorm, Linear
-from peft import LoRALayer, LoRALinear, PrefixTuning, PromptTuning
+from dora import DoRALayer
+from lora import LoRALayer, LoRALinear
+from nn import Linear
+from peft_base import AdapterState, Method, bias_names, find_linear_targets, register, wrap_or_reuse
 from peft_config import (BitFitConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
                          PromptTuningConfig)
-from peft_model import AdapterState, Method, register, wrap_or_reuse
-from targets import find_targets
-
-
-def linear_types():
-    """Module types a LoRA-like wrapper may wrap (float or 4-bit quantized linears)."""
-    try:
-        from quantization import QuantizedLinear
-        return (Linear, QuantizedLinear)
-    except ImportError:
-        return (Linear,)
-
-
-def find_linear_targets(model, target_modules, layers_to_transform, wrapper_cls):
-    """Targeted linears; a module already wrapped by ``wrapper_cls`` counts as its base."""
-    names = find_targets(model, target_modules, layers_to_transform,
-                         layer_types=linear_types() + (wrapper_cls,))
-    return [n for n in names if not n.endswith(".base_layer")]
-
-
-def bias_names(model, paths=None, include_layernorm=True):
-    """Dotted names of bias parameters (of the modules under ``paths`` if given)."""
-    names = []
-    for path, module in model.named_modules():
-        if paths is not None and not any(path == p or path.startswith(p + ".") for p in paths):
-            continue
-        if isinstance(module, LayerNorm) and not include_layernorm:
-            continue
-        if "bias" in module.param_names and getattr(module, "bias", None) is not None:
-            names.append(f"{path}.bias")
-    return names
+from soft_prompts import PrefixTuning, PromptTuning, prefix_grad_table
 
 
 @register(LoraConfig)
@@ -55,11 +30,11 @@ class LoraMethod(Method):
     def inject(self, peft_model, config: LoraConfig, rng):
         model = peft_model.base_model
         state = AdapterState(config)
-        for path in find_linear_targets(model, config.target_modules, config.layers_to_transform,
-                                        LoRALinear):
-            wrapper = wrap_or_reuse(model, path, LoRALinear,
-                                    lambda base: LoRALinear(base, lora_rank=config.r, rng=rng))
-            state.slots[path] = make_lora_layer(wrapper, config, rng)
+        paths = find_linear_targets(model, config.target_modules, config.layers_to_transform,
+                                    LoRALinear)
+        for path, layer_rng in zip(paths, rng.spawn(len(paths))):   # one stream per layer
+            wrapper = wrap_or_reuse(model, path, LoRALinear, LoRALinear.around)
+            state.slots[path] = new_lora_layer(wrapper, config, layer_rng)
         if config.bias == "all":
             state.trainable = bias_names(model)
         elif config.bias == "lora_only":
@@ -67,24 +42,13 @@ class LoraMethod(Method):
                                if model.get_submodule(p).bias is not None]
         return state
 
-    def merge_and_unload_module(self, wrapper):
-        merged = Linear(wrapper.in_features, wrapper.out_features, bias=wrapper.bias is not None,
-                        dtype=wrapper.lora.A.dtype)
-        weight = wrapper.weight if wrapper.merged else wrapper.lora.merge_weights(wrapper.weight)
-        merged.weight = np.array(weight, dtype=wrapper.lora.A.dtype)
-        merged.bias = None if wrapper.bias is None else np.array(wrapper.bias)
-        return merged
 
-
-def make_lora_layer(wrapper, config: LoraConfig, rng):
-    dtype = wrapper.weight.dtype
-    cls = LoRALayer
-    if config.use_dora:
-        from dora import DoRALayer
-        cls = DoRALayer
+def new_lora_layer(wrapper, config: LoraConfig, rng):
+    """The ``LoRALayer`` (``DoRALayer`` with ``use_dora``) for one wrapped linear."""
+    cls = DoRALayer if config.use_dora else LoRALayer
     layer = cls(wrapper.in_features, wrapper.out_features, config.r, config.lora_alpha,
                 config.lora_dropout, config.init_lora_weights, config.use_rslora,
-                rng=rng, dtype=dtype)
+                rng=rng, dtype=wrapper.weight.dtype)
     if config.use_dora:
         layer.init_magnitude(wrapper.weight)
     return layer
@@ -105,6 +69,7 @@ class PrefixEncoder(PrefixTuning):
 
     def __init__(self, model_config, config: PrefixTuningConfig, rng):
         c = model_config
+        config.check_model(c)
         super().__init__(c.n_layers, c.n_heads, c.d_head, config.num_virtual_tokens, rng=rng,
                          dtype=c.dtype)
         self.position_convention = config.position_convention
@@ -127,19 +92,19 @@ class PrefixEncoder(PrefixTuning):
         P, L, H, dh = self.prefix_length, self.num_layers, self.num_heads, self.d_head
         return flat.reshape(P, L, 2, H, dh).transpose(1, 2, 0, 3, 4)  # (L, 2, P, H, dh)
 
-    def layer_prefixes(self, batch_size):
+    def layer_prefixes(self):
+        """``[(keys, values)]`` per layer, each ``(P, H, d_head)``: what the attention layers read."""
         self._table = self.table()
         return [(self._table[i, 0], self._table[i, 1]) for i in range(self.num_layers)]
 
     def backward_from_layers(self, layers):
-        grad = np.zeros((self.num_layers, 2, self.prefix_length, self.num_heads, self.d_head),
-                        dtype=self._table.dtype)
-        for i, block in enumerate(layers):
-            grad[i, 0], grad[i, 1] = block.self_attn.prefix_grad
+        """Gather each attention layer's ``prefix_grad`` and add it into the table's (or the
+        MLP's) gradients (the model path: accumulates)."""
+        layer_grads = [block.self_attn.prefix_grad for block in layers]
         if self.embedding is None:
-            if self.wants_grad("prefix"):
-                self._accumulate("prefix", grad)
+            self.accumulate_backward(layer_grads)
             return
+        grad = prefix_grad_table(layer_grads)                        # (L, 2, P, H, dh)
         dflat = grad.transpose(2, 0, 1, 3, 4).reshape(self.prefix_length, -1)   # (P, L*2*D)
         dhidden = self.mlp_out.backward(dflat) * (1.0 - self.hidden * self.hidden)
         dembed = self.mlp_in.backward(dhidden)
@@ -181,6 +146,7 @@ class PromptEncoder(PromptTuning):
     """
 
     def __init__(self, model, config: PromptTuningConfig, rng):
+        config.check_model(model.config)
         d, dtype = model.config.d_model, model.config.dtype
         table, context = model.embed_tokens.weight, model.config.context_length
         super().__init__(d, config.num_virtual_tokens, rng=rng, dtype=dtype)
@@ -218,7 +184,7 @@ class PromptEncoder(PromptTuning):
             grad = np.zeros_like(base.embed_positions.weight)
             grad[:P] = dx[:, :P].sum(0)
             base.embed_positions._accumulate("weight", grad)
-        return self.backward(dx)
+        return self.accumulate_backward(dx)
 
 
 def text_init_ids(config: PromptTuningConfig, vocab_size, context_length):
@@ -258,6 +224,3 @@ class BitFitMethod(Method):
 class FullMethod(Method):
     def inject(self, peft_model, config, rng):
         return AdapterState(config, trainable=[n for n, _ in peft_model.base_model.named_parameters()])
-
-
-import ia3, bottleneck  # noqa: E402,F401,E401  (register their methods)

@@ -5,8 +5,9 @@
     peft_model.print_trainable_parameters()
     logits = peft_model(tokens); peft_model.backward(dlogits)   # only LoRA params get grads
 
-Each method plugs in through one ``Method`` object (registered per config type)
-that says where it touches the model (docs/DESIGN.md's table):
+Each method plugs in through one ``Method`` object (``peft_base.py``, registered per
+config type when this module imports the methods) that says where it touches the
+model (docs/ARCHITECTURE.md's table):
 
 * layer methods (LoRA, DoRA, (IA)3, bottleneck adapters) wrap modules of the base
   model; the wrapper keeps the base module as ``base_layer`` and exposes one
@@ -21,55 +22,18 @@ that says where it touches the model (docs/DESIGN.md's table):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import numpy as np
 
+import bottleneck  # noqa: F401  (registers BottleneckMethod)
+import ia3  # noqa: F401  (registers IA3Method)
+import peft_io
+import peft_methods  # noqa: F401  (registers LoRA, prefix, prompt, BitFit, full)
 from nn import Module, parameter_owner, set_submodule
-from peft_config import PeftConfig, PromptTuningConfig  # noqa: F401 (re-exported)
+from optim import AdamW
+from peft_base import AdapterState, method_for  # noqa: F401  (AdapterState re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
-                         LoraConfig, PrefixTuningConfig)
-
-METHODS: dict[str, "Method"] = {}
-
-
-@dataclass
-class AdapterState:
-    """Everything one named adapter added to a model."""
-    config: PeftConfig
-    slots: dict = field(default_factory=dict)       # wrapper path -> module for its slot
-    encoder: Module | None = None                   # prefix / prompt encoder
-    trainable: list = field(default_factory=list)   # base parameter names it trains
-
-
-class Method:
-    """How one PEFT method attaches to a model. Subclasses fill ``inject``."""
-    encoder_attr = None                             # "prefix_encoder" / "prompt_encoder"
-
-    def inject(self, peft_model: "PeftModel", config, rng) -> AdapterState:
-        raise NotImplementedError
-
-    def merge_and_unload_module(self, wrapper):
-        """Return the plain module that replaces ``wrapper`` with the update folded in."""
-        raise ValueError(f"{type(self).__name__} cannot be merged into the weights")
-
-
-def register(config_cls):
-    def deco(method_cls):
-        METHODS[config_cls.peft_type] = method_cls()
-        return method_cls
-    return deco
-
-
-def wrap_or_reuse(model, path, wrapper_cls, make_wrapper):
-    """The wrapper at ``path``: the existing one, or a new one wrapping the module there."""
-    module = model.get_submodule(path)
-    if isinstance(module, wrapper_cls):
-        return module
-    wrapper = make_wrapper(module)
-    setattr(wrapper, wrapper.adapter_attr, None)     # slots are filled by set_adapter
-    set_submodule(model, path, wrapper)
-    return wrapper
+                         LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType)
 
 
 class PeftModel(Module):
@@ -97,20 +61,14 @@ class PeftModel(Module):
         for name in self.active_adapters:
             enc = self.adapters[name].encoder
             if enc is not None:
-                yield METHODS[self.adapters[name].config.peft_type].encoder_attr, enc
-
-    def __setstate__(self, state):
-        # unpickled in a fresh process (a data-parallel worker): register the methods,
-        # as get_peft_model does, before anything looks one up
-        import peft_methods  # noqa: F401
-        self.__dict__.update(state)
+                yield method_for(self.adapters[name].config.peft_type).encoder_attr, enc
 
     def __getattr__(self, name):
         if name in ("base_model", "adapters", "active_adapters") or name.startswith("__"):
             raise AttributeError(name)
         for adapter in self.active_adapters:
             state = self.adapters[adapter]
-            method = METHODS[state.config.peft_type]
+            method = method_for(state.config.peft_type)
             if state.encoder is not None and method.encoder_attr == name:
                 return state.encoder
         return getattr(self.base_model, name)
@@ -132,7 +90,7 @@ class PeftModel(Module):
             return None
         for name in self.active_adapters:
             state = self.adapters[name]
-            if state.encoder is not None and METHODS[state.config.peft_type].encoder_attr == attr:
+            if state.encoder is not None and method_for(state.config.peft_type).encoder_attr == attr:
                 return state.encoder
         return None
 
@@ -148,7 +106,7 @@ class PeftModel(Module):
         else:
             x, attention_mask = prompt.embed_with_prompt(base, tokens, attention_mask)
             self._prompt_len = prompt.prompt_length
-        prefixes = prefix.layer_prefixes(tokens.shape[0]) if prefix is not None else None
+        prefixes = prefix.layer_prefixes() if prefix is not None else None
         logits = base.forward_embeds(x, attention_mask, prefixes)
         return logits[:, self._prompt_len:] if self._prompt_len else logits
 
@@ -210,7 +168,7 @@ class PeftModel(Module):
         active = list(self.active_adapters)
         self._deactivate()
         try:
-            self.adapters[adapter_name] = METHODS[peft_config.peft_type].inject(self, peft_config, rng)
+            self.adapters[adapter_name] = method_for(peft_config.peft_type).inject(self, peft_config, rng)
         finally:
             self._activate(active)
 
@@ -336,7 +294,7 @@ class PeftModel(Module):
         """Return the plain base model with the active adapter folded into its weights."""
         wrappers = self._mergeable_wrappers() and self.wrappers()
         for path, w in wrappers:
-            method = METHODS[type(w).peft_type]
+            method = method_for(type(w).peft_type)
             replacement = (method.merge_and_unload_module(w) if getattr(w, w.adapter_attr) is not None
                            else w.base_layer)
             set_submodule(self.base_model, path, replacement)
@@ -372,23 +330,29 @@ class PeftModel(Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    def num_parameters(self, only_trainable=False):
+        """Hugging Face's ``model.num_parameters(only_trainable=True)``: trainable or all
+        (a 4-bit weight counts as the numbers it stores)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        return trainable if only_trainable else total
+
+    def get_base_model(self):
+        """The wrapped model itself (its targeted layers are wrapped; see ``unload``)."""
+        return self.base_model
+
     # ---- saving and loading (see peft_io.py) -------------------------------
     def adapter_state_dict(self, adapter_name=None):
-        from peft_io import adapter_state_dict
-        return adapter_state_dict(self, adapter_name)
+        return peft_io.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(self, directory, adapter_name=None):
-        from peft_io import save_pretrained
-        save_pretrained(self, directory, adapter_name)
+        peft_io.save_pretrained(self, directory, adapter_name)
 
-    def load_adapter(self, directory, adapter_name):
-        from peft_io import load_adapter
-        load_adapter(self, directory, adapter_name)
+    def load_adapter(self, directory, adapter_name, is_trainable=False):
+        peft_io.load_adapter(self, directory, adapter_name, is_trainable)
 
     @classmethod
     def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
-        from peft_io import from_pretrained
-        return from_pretrained(cls, model, directory, adapter_name, is_trainable)
+        return peft_io.from_pretrained(cls, model, directory, adapter_name, is_trainable)
 
 
 def create_loraplus_optimizer(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.0,
@@ -399,7 +363,6 @@ def create_loraplus_optimizer(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.
     the slow factor for wide layers; a larger rate for ``B`` speeds up training.
     Every other trainable parameter uses ``lr``.
     """
-    from optim import AdamW
     if not loraplus_lr_ratio > 0:
         raise ValueError(f"loraplus_lr_ratio must be > 0, got {loraplus_lr_ratio!r}")
     names = [n for n, _ in model.named_parameters(trainable_only=True)]
@@ -420,9 +383,9 @@ def get_peft_model(model, peft_config: PeftConfig, adapter_name="default", seed=
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use add_adapter() for another adapter")
-    import peft_methods  # noqa: F401  (registers every method)
     return PeftModel(model, peft_config, adapter_name, seed)
 
 
 __all__ = ["get_peft_model", "PeftModel", "LoraConfig", "IA3Config", "BottleneckConfig",
-           "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig", "FullFineTuningConfig"]
+           "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig", "FullFineTuningConfig",
+           "TaskType", "create_loraplus_optimizer"]

@@ -2,7 +2,9 @@
 
 * a list (or tuple/set) of names matches a module whose dotted name equals an entry
   or ends with ``"." + entry`` (so ``"q_proj"`` matches ``layers.0.self_attn.q_proj``);
-* a string is a full regular-expression match on the dotted name;
+* a string is a full regular-expression match on the dotted name, except
+  ``"all-linear"``: every linear layer of the model (the LM head is tied to the
+  embedding here, so there is no output layer to leave out, as ``peft`` does);
 * ``layers_to_transform`` (ints) keeps only modules under ``layers.{i}.``.
 """
 from __future__ import annotations
@@ -11,8 +13,12 @@ import re
 
 from nn import Linear, Module
 
+ALL_LINEAR = "all-linear"
+
 
 def matches(name: str, target_modules) -> bool:
+    if target_modules == ALL_LINEAR:
+        return True
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)

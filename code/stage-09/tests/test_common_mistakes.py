@@ -444,10 +444,11 @@ class WrongAGradient(LoRALayer):
 
     def delta_backward(self, dout):
         r = self.rank
-        self._accumulate("B", (dout.reshape(-1, self.out_features).T @ self.h.reshape(-1, r))
+        x_drop, ax = self.cache[:2]                                        # lora_forward's cache
+        self._accumulate("B", (dout.reshape(-1, self.out_features).T @ ax.reshape(-1, r))
                          * self.scaling)
         self._accumulate("A", (dout @ self.B).reshape(-1, r).T            # bug: no * scaling
-                         @ self.x_drop.reshape(-1, self.in_features))
+                         @ x_drop.reshape(-1, self.in_features))
         return (dout @ self.B) * self.scaling @ self.A
 
 

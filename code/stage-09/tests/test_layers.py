@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 
 from gradcheck import check_module, numerical_gradient, rel_error
+from gradcheck import well_scaled as randomise  # (module, rng): N(0, 1/fan_in) in place
 from nn import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU, cross_entropy
 
 TOL = 1e-7
-
-
-def randomise(module, rng):
-    """Redraw every parameter ~ N(0, 1/fan_in) (plus 1 for LayerNorm's scale)."""
-    for _, p in module.named_parameters():
-        p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
-    return module
 
 
 @pytest.fixture

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from gradcheck import check_model_loss, check_module, numerical_gradient, rel_error
+from gradcheck import well_scaled as randomise  # (module, rng): N(0, 1/fan_in) in place
 from minigpt import GPT, CausalSelfAttention, GPTConfig
 from nn import Linear, cross_entropy
-
-
-def randomise(module, rng):
-    for _, p in module.named_parameters():
-        p[...] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
-    return module
 
 
 @pytest.fixture

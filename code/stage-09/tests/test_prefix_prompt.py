@@ -211,7 +211,7 @@ def test_prefix_shift_convention_moves_the_real_tokens():
     keep = get_peft_model(GPT(cfg, seed=1), PrefixTuningConfig(num_virtual_tokens=3))
     shift = get_peft_model(GPT(cfg, seed=1), PrefixTuningConfig(num_virtual_tokens=3,
                                                                 position_convention="shift"))
-    prefixes = keep.prefix_encoder.layer_prefixes(2)
+    prefixes = keep.prefix_encoder.layer_prefixes()
     np.testing.assert_allclose(keep(tokens), keep.base_model.forward(tokens, prefixes=prefixes))
     np.testing.assert_allclose(shift(tokens), shift.base_model.forward(
         tokens, prefixes=prefixes, position_ids=np.arange(3, 8)))
