@@ -96,7 +96,8 @@ model (32 layers, width 4096), from `compare_peft_methods(lora_rank=r)`:
 {rank_rows}
 
 The scaling `alpha / r` keeps the size of the update roughly independent of `r`,
-so changing `r` does not force a new learning rate (Hu et al. 2021, §4.1).
+so changing `r` does not force a new learning rate (Hu et al. 2021, §4.1;
+`common_mistakes.md`, mistake 3, measures it on a small layer).
 For large ranks rsLoRA's `alpha / sqrt(r)` (`use_rslora=True`) keeps it from
 shrinking as `r` grows (Kalajdzievski 2023).
 
@@ -193,17 +194,18 @@ trains {pct(n['lora7'] / n['N7'], 3)} and the prompt {pct(n['prompt7'] / n['N7']
 """),
         ("A7", "Auditing \"PEFT vs full fine-tuning\" at 175B", f"""
 * Ratio: 1.75M / 175B = **{pct(1.75e6 / n['N175'], 3)}**, not 0.01%.
-* Full fine-tuning memory: 1.4 TB is the AdamW states alone; with fp16 weights
+* Full fine-tuning memory: {gb(8 * n['N175'])} is the AdamW states alone (two fp32 numbers
+  per parameter); with fp16 weights
   and gradients the total is {gb(a1['total'])} (A1).
 * PEFT memory "~14 GB": the frozen 175B weights alone take {gb(2 * n['N175'])} in fp16 and
   {gb(n['N175'] * n['dq_bits'] / 8)} in NF4; 14 GB cannot hold them. The PEFT-specific state
   (fp32 weights, gradients and AdamW states of 1.75M parameters) is {mb(16 * 1.75e6)}.
-* Storage per task: **correct**: 175B x 2 bytes = 350 GB, and 1.75M x 2 bytes = 3.5 MB.
+* Storage per task: **correct**: 175B x 2 bytes = {gb(2 * n['N175'])}, and 1.75M x 2 bytes = {mb(2 * 1.75e6)}.
 """),
         ("A8", "Storing ten tasks", f"""
-One base plus ten adapters: 140 GB + 10 x 0.1 GB = **141 GB** instead of 1,400 GB,
-**{1 - 141 / 1400:.1%} less** ("over 80%" is right). A 100 MB fp16 adapter holds 50 million
-parameters, far more than a typical LoRA on a 70B model needs.
+One base plus ten adapters: {gb(2 * n['N70'])} + 10 x {gb(100e6)} = **{gb(2 * n['N70'] + 10 * 100e6)}** instead of
+{gb(10 * 2 * n['N70'])}, **{1 - (2 * n['N70'] + 10 * 100e6) / (10 * 2 * n['N70']):.1%} less** ("over 80%" is right). A 100 MB fp16 adapter
+holds {100e6 / 2 / 1e6:.0f} million parameters, far more than a typical LoRA on a 70B model needs.
 """),
         ("A9", "A 70B model on one 24 GB GPU", f"""
 (c) QLoRA is the intended answer and the only option that comes close, but check

@@ -8,6 +8,11 @@
     python exercises/check.py --list           the exercises, their numbers and files
 
 Exit status 0 when every selected exercise passed, 1 otherwise.
+
+Your file runs in a separate process with a time limit (``--timeout``, default
+120 s, or ``EXERCISE_TIMEOUT``); what it prints is kept up to 16 KB. The grade is
+decided in this process, by re-running the checks on the values your code
+returned (``sandbox.py``), so a file cannot grade itself.
 """
 from __future__ import annotations
 
@@ -20,16 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checking import Result, run_check  # noqa: E402
 from catalog import Exercise, all_exercises, find  # noqa: E402
+from sandbox import TIMEOUT, grade_isolated  # noqa: E402
 
 LABEL = {"passed": "PASSED", "not_implemented": "NOT IMPLEMENTED YET", "failed": "FAILED",
          "error": "CHECKER ERROR"}
 
 
-def grade(ex: Exercise, solutions: bool = False, path: Path | None = None) -> Result:
-    """Run ``ex``'s checker on the learner's file (or the solution, or ``path``)."""
+def grade(ex: Exercise, solutions: bool = False, path: Path | None = None,
+          isolated: bool = True, timeout: float = TIMEOUT) -> Result:
+    """Run ``ex``'s checker on the learner's file (or the solution, or ``path``).
+
+    ``isolated`` (the default): in a child process, the verdict decided here
+    (``sandbox.grade_isolated``). ``isolated=False`` runs the file in this
+    process: only for code you trust (the reference solutions, the tests' mutants)."""
     path = path or (ex.solution_path if solutions else ex.stub_path)
     if not path.exists():
-        return Result("error", f"{path} does not exist (run python exercises/make_stubs.py)")
+        return Result("failed", f"{path} does not exist: to get the exercise file back, run "
+                      "`python exercises/make_stubs.py`")
+    if isolated:
+        return grade_isolated(ex, path, timeout)
     prefix = "solution" if solutions else "learner"
     return run_check(ex.check, path, f"{prefix}_{ex.slug}")
 
@@ -57,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--solutions", action="store_true", help="check the reference solutions")
     parser.add_argument("--file", type=Path, help="grade this file instead of exercises/exN_M_*.py")
     parser.add_argument("--list", action="store_true", help="list the exercises")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help=f"seconds per exercise before the check is stopped (default {TIMEOUT:g})")
     args = parser.parse_args(argv)
     if args.list or not args.which:
         print(list_exercises())
@@ -72,7 +88,7 @@ def main(argv=None) -> int:
     for ex in selected:
         path = args.file.resolve() if args.file else (ex.solution_path if args.solutions
                                                       else ex.stub_path)
-        result = grade(ex, args.solutions, path)
+        result = grade(ex, args.solutions, path, timeout=args.timeout)
         counts[result.status] = counts.get(result.status, 0) + 1
         print(report(ex, result, path))
     if len(selected) > 1:

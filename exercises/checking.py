@@ -68,21 +68,36 @@ def _learner_frame(tb, path: Path):
     return frames[-1] if frames else None
 
 
-def run_check(checker, path: Path, module_name: str) -> Result:
-    """Load ``path`` and run ``checker(module, trace)``; never raises."""
+def run_check(checker, path: Path | None, module_name: str, wrap=None, module=None) -> Result:
+    """Load ``path`` and run ``checker(module, trace)``; never raises.
+
+    ``wrap(module)`` -> what the checker sees instead of the module (the sandbox's
+    recording proxy); ``module`` skips loading (the sandbox's replay)."""
     trace = Trace()
+    loaded = None
     try:
-        module = load_module(path, module_name)
+        if module is None:
+            loaded = module = load_module(path, module_name)
+            if wrap is not None:
+                module = wrap(module)
         checker(module, trace)
     except NotImplementedError as exc:
         return Result("not_implemented", f"not implemented yet: {exc}", trace.passed)
     except ExerciseFailure as exc:
         return Result("failed", str(exc), trace.passed)
     except Exception as exc:  # noqa: BLE001 -- anything the learner's code may raise
-        frame = _learner_frame(exc.__traceback__, path)
+        if isinstance(exc, AttributeError) and loaded is not None and exc.obj is loaded:
+            return Result("failed", f"your file does not define `{exc.name}`, which the "
+                          f"exercise asks for (is the file empty, or was `{exc.name}` renamed "
+                          "or deleted?). The stub defines it; to start over, move your file "
+                          "away and run `python exercises/make_stubs.py`", trace.passed)
+        frame = getattr(exc, "learner_frame", None)
+        if frame is None and path is not None:
+            found = _learner_frame(exc.__traceback__, path)
+            frame = (found.lineno, found.line) if found is not None else None
         if frame is not None or isinstance(exc, SyntaxError):
-            where = (f" at {path.name} line {frame.lineno}: `{frame.line}`" if frame is not None
-                     else "")
+            where = (f" at {Path(path).name if path else 'your file'} line {frame[0]}: "
+                     f"`{frame[1]}`" if frame is not None else "")
             return Result("failed", f"your code raised {type(exc).__name__}{where}\n  {exc}",
                           trace.passed)
         return Result("error", "the checker itself crashed (please report this):\n"
@@ -200,14 +215,15 @@ def expect_tuple(function: str, out, fields: str) -> tuple:
     return out
 
 
-def expect_raises(exc_types, fn, message: str) -> None:
-    """``fn()`` must raise one of ``exc_types`` (input validation a learner wrote)."""
+def expect_raises(exc_types, fn, message: str) -> BaseException:
+    """``fn()`` must raise one of ``exc_types`` (input validation a learner wrote); returns
+    the exception, whose message a checker may inspect."""
     try:
         fn()
     except NotImplementedError:
         raise
-    except exc_types:
-        return
+    except exc_types as exc:
+        return exc
     except Exception as exc:  # noqa: BLE001
         raise ExerciseFailure(f"{message} (it raised {type(exc).__name__}: {exc})") from None
     raise ExerciseFailure(message + " (nothing was raised)")

@@ -99,6 +99,13 @@ def check_prompt_tuning(mod, t):
     expect_equal("prompt_length", pt.prompt_length, P)
     prompt = expect_shape("prompt", pt.prompt, (P, d), " = (prompt_length, d_model)")
     expect(np.unique(prompt).size > 1, "the prompt must start random, not constant")
+    big = np.asarray(mod.PromptTuning(64, 50, rng=np.random.default_rng(2)).prompt, dtype=float)
+    mean, std = float(big.mean()), float(big.std())
+    expect(abs(std - 0.5) < 0.05 and abs(mean) < 0.05,
+           f"the random prompt should be rng.standard_normal((prompt_length, d_model)) * 0.5 "
+           f"(mean 0, standard deviation 0.5); a (50, 64) prompt of yours has mean {mean:.3g} "
+           f"and standard deviation {std:.3g}"
+           + (": did you forget the * 0.5?" if abs(std - 1) < 0.05 else ""))
     vocab = randn(rng, 10, d)
     vocab_before = vocab.copy()
     pv = mod.PromptTuning(d, P, init_from_vocab=vocab, rng=np.random.default_rng(1))
@@ -106,8 +113,14 @@ def check_prompt_tuning(mod, t):
     for i, row in enumerate(rows):
         expect(np.any(np.all(vocab == row, axis=1)),
                f"with init_from_vocab, prompt row {i} must be a copy of a vocabulary row")
+    rows = np.array(rows)
     pv.prompt[...] += 1.0
     expect_unchanged("the vocabulary (your prompt is a view of it: copy the rows)", vocab_before, vocab)
+    chosen = np.random.default_rng(1).integers(0, vocab.shape[0], P)
+    expect_close("prompt (from the vocabulary)", rows, vocab[chosen],
+                 context=f" (rows rng.integers(0, vocab, prompt_length) = {chosen.tolist()})",
+                 mistakes=[(vocab[:P], "those are the first prompt_length rows; choose the rows "
+                            "with rng.integers(0, vocab_size, prompt_length), as the docstring says")])
     expect_raises(ValueError, lambda: mod.PromptTuning(d, P, init_from_vocab=randn(rng, 10, d + 1)),
                   "init_from_vocab of the wrong width should raise ValueError")
     expect_equal("num_parameters()", pt.num_parameters(), P * d, " = prompt_length * d_model")
@@ -121,7 +134,10 @@ def check_prompt_tuning(mod, t):
         (np.concatenate([x, expected[:, :P]], axis=1), "the prompt goes first, before the tokens")])
     expect_raises(ValueError, lambda: pt.forward(x[0]),
                   "forward of a 2-D input (seq, d) should raise ValueError (expects (batch, seq, d))")
-    t.ok("forward: (batch, P + seq, d), prompt first; rejects a 2-D input")
+    expect_raises(ValueError, lambda: pt.forward(randn(rng, 2, 4, d + 1)),
+                  f"forward of a (2, 4, {d + 1}) input should raise ValueError: its last axis is "
+                  f"not d_model = {d}")
+    t.ok("forward: (batch, P + seq, d), prompt first; rejects a 2-D input and a wrong width")
 
     G = randn(rng, 2, P + 4, d)
     dx = pt.backward(G.copy())

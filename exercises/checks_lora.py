@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from checking import (ExerciseFailure, expect, expect_close, expect_equal, expect_grad,
@@ -112,28 +114,42 @@ def check_lora_backward(mod, t):
     d_in, d_out, r, alpha = 8, 6, 3, 12.0
     s = alpha / r
     A, B = randn(rng, r, d_in, scale=0.5), randn(rng, d_out, r)
+    cases = []
     for x_shape in [(5, d_in), (2, 4, d_in)]:
         x = randn(rng, *x_shape)
         G = randn(rng, *x_shape[:-1], d_out)
         grad_A, grad_B, grad_x = _call_backward(mod, G, x, A, B, s)
-        expect_shape("grad_A", grad_A, A.shape, " (the shape of A)")
-        expect_shape("grad_B", grad_B, B.shape, " (the shape of B)")
-        expect_shape("grad_x", grad_x, x.shape, " (the shape of x)")
+        where = f" (for x of shape {x_shape})"
+        expect_shape("grad_A", grad_A, A.shape, f" (the shape of A){where}")
+        expect_shape("grad_B", grad_B, B.shape, f" (the shape of B){where}")
+        expect_shape("grad_x", grad_x, x.shape, f" (the shape of x){where}")
+        cases.append((x, G, grad_A, grad_B, grad_x))
     t.ok("shapes for x of shape (seq, in) and (batch, seq, in)")
 
-    ref = lib_lora(A, B, alpha)
-    branch_forward(ref, x)
-    dx_ref = ref.backward(G)
     zero_hint = ("; B is random here, so it should not be: grad_A flows through B "
                  "(dh = scaling * grad_output @ B). At initialisation B = 0 and grad_A is "
                  "truly zero -- which is why gradient checks need a random B")
-    if not np.any(grad_A):
-        raise ExerciseFailure("grad_A is zero everywhere" + zero_hint)
-    expect_close("grad_B", grad_B, ref.B_grad, factors=scaling_factors(s))
-    expect_close("grad_A", grad_A, ref.A_grad, factors=scaling_factors(s))
-    expect_close("grad_x", grad_x, dx_ref, factors=scaling_factors(s),
-                 mistakes=[(G @ B @ A, "grad_x is missing the scaling alpha / r")])
-    t.ok("values match the library's LoRALayer backward (random B, random upstream gradient)")
+    for x, G, grad_A, grad_B, grad_x in cases:
+        ref = lib_lora(A, B, alpha)
+        branch_forward(ref, x)
+        dx_ref = ref.backward(G)
+        n = int(np.prod(x.shape[:-1]))
+        averaged = [(1.0 / n, f"1/{n}", f"did you average over batch and sequence? A and B are "
+                     f"shared by all {n} positions of x, so their gradients are sums over them, "
+                     f"not means")]
+        if x.ndim == 3:
+            averaged.append((1.0 / x.shape[0], f"1/{x.shape[0]}", "did you average over the "
+                             "batch? A and B are shared by every sequence: sum, not mean"))
+        label = f" for x of shape {x.shape}"
+        if not np.any(grad_A):
+            raise ExerciseFailure(f"grad_A{label} is zero everywhere" + zero_hint)
+        factors = scaling_factors(s) + averaged
+        expect_close(f"grad_B{label}", grad_B, ref.B_grad, factors=factors)
+        expect_close(f"grad_A{label}", grad_A, ref.A_grad, factors=factors)
+        expect_close(f"grad_x{label}", grad_x, dx_ref, factors=scaling_factors(s),
+                     mistakes=[(G @ B @ A, "grad_x is missing the scaling alpha / r")])
+    t.ok("values match the library's LoRALayer backward for both input shapes (random B, random "
+         "upstream gradient)")
 
     for name, idx, arr in [("grad_A", 0, A), ("grad_B", 1, B), ("grad_x", 2, x)]:
         loss = lambda: float(np.sum(mod.lora_forward(x, A, B, s) * G))  # noqa: E731
@@ -182,8 +198,11 @@ def check_lora_attention(mod, t):
     originals = {k: w.copy() for k, w in weights.items()}
     make = lambda targets: mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H, rank=r,  # noqa: E731
                                              alpha=alpha, target_modules=targets)
-    expect_raises(ValueError, lambda: make(["q", "x"]), "target_modules=['q', 'x'] should raise "
-                  "ValueError (valid targets: q, k, v, o)")
+    err = expect_raises(ValueError, lambda: make(["q", "x"]), "target_modules=['q', 'x'] should "
+                        "raise ValueError (valid targets: q, k, v, o)")
+    named = set(re.findall(r"\b[qkvo]\b", str(err)))
+    expect(named == set("qkvo"), f"the ValueError for target_modules=['q', 'x'] should name the "
+           f"valid choices q, k, v and o (the docstring asks for it); yours says: {str(err)[:200]!r}")
     default = mod.LoRAAttention(*(weights[k] for k in "qkvo"), n_heads=H)
     expect_equal("the default target_modules", sorted(default.lora_A), ["q", "v"])
     t.ok("validates target_modules; the default targets are q and v")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from checking import (expect, expect_close, expect_equal, expect_grad, expect_number,
+from checking import (ExerciseFailure, expect, expect_close, expect_equal, expect_grad, expect_number,
                       expect_raises, expect_shape, expect_tuple, expect_unchanged, randn, rng_for)
 from checks_lora import lib_lora
 from registry import exercise
@@ -166,6 +166,84 @@ def check_lora_4bit(mod, t):
 
 
 # ------------------------------------------------------------------ 9.21
+def nf4_vs_int4_error(nf4_roundtrip=None):
+    """Mean |error| of NF4 and of uniform symmetric int4, blocks of 64, on 256 x 256 N(0, 1)
+    weights (the numbers ``answers.md`` quotes and the 9.21 checker prints)."""
+    import nf4
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    if nf4_roundtrip is None:
+        nf4_roundtrip = lambda v: nf4.quantize_nf4(v, 64, double_quant=False).dequantize()  # noqa: E731
+    err_nf4 = float(np.abs(np.asarray(nf4_roundtrip(w.copy()), dtype=np.float64) - w).mean())
+    err_int4 = float(np.abs(quantization.blockwise_absmax_roundtrip(w, 4, 64) - w).mean())
+    return err_nf4, err_int4
+
+
+def _expect_blocks(W, bs, codes, absmax, codes_ref, absmax_ref):
+    """Compare block by block; the first wrong block gets the most specific hint."""
+    import nf4
+    flat = W.reshape(-1)
+    mid = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2
+    by_columns = np.abs(W.T).reshape(-1, bs).max(1)
+    for b in range(absmax_ref.size):
+        block = slice(b * bs, (b + 1) * bs)
+        where = f"block {b} (flat values {b * bs}..{(b + 1) * bs - 1})"
+        if not np.allclose(absmax[b], absmax_ref[b], rtol=1e-6, atol=0):
+            if np.allclose(absmax, np.abs(W).max()):
+                raise ExerciseFailure(
+                    f"absmax of {where} is {absmax[b]:.6g}, expected {absmax_ref[b]:.6g}: every "
+                    f"block got {np.abs(W).max():.6g}, the largest |value| of the whole tensor. "
+                    "One absmax for the whole tensor lets one outlier squeeze every other block "
+                    f"into the levels near 0: give each block of {bs} its own absmax, "
+                    f"np.abs(weight.reshape(-1, {bs})).max(axis=1)")
+            if np.allclose(absmax, by_columns):
+                raise ExerciseFailure(
+                    f"absmax of {where} is wrong: blocks are consecutive values of the row-major "
+                    f"flattened weight (weight.reshape(-1, blocksize)), not of its columns")
+            raise ExerciseFailure(f"absmax of {where} is {absmax[b]:.6g}, expected "
+                                  f"{absmax_ref[b]:.6g} (the largest |value| in the block)")
+    columns = nf4.unpack_4bit(nf4.quantize_nf4(np.ascontiguousarray(W.T), bs, False).packed, W.size)
+    for b in range(absmax_ref.size):
+        block = slice(b * bs, (b + 1) * bs)
+        where = f"block {b} (flat values {b * bs}..{(b + 1) * bs - 1})"
+        if not np.array_equal(codes[block], codes_ref[block]):
+            if np.array_equal(codes, columns):
+                raise ExerciseFailure(f"codes of {where} are wrong: blocks are consecutive values "
+                                      "of the row-major flattened weight (weight.reshape(-1, "
+                                      "blocksize)), not of its columns")
+            normed_global = flat[block] / np.abs(W).max()
+            uniform = np.clip(np.round((flat[block] / absmax_ref[b] + 1) * 7.5), 0, 15)
+            i = int(np.argmax(codes[block] != codes_ref[block]))
+            detail = (f"codes of {where} differ at flat index {b * bs + i} (value "
+                      f"{flat[b * bs + i]:.6g}): yours {codes[b * bs + i]:g}, expected "
+                      f"{codes_ref[b * bs + i]:g}")
+            if np.array_equal(codes[block], np.searchsorted(mid, normed_global)):
+                raise ExerciseFailure(detail + ": these are the codes of one absmax for the whole "
+                                      "tensor; divide each block by its own absmax")
+            if np.array_equal(codes[block], uniform):
+                raise ExerciseFailure(detail + ": that is a uniform grid; map each value to the "
+                                      "nearest NF4 level (searchsorted on the midpoints)")
+            raise ExerciseFailure(detail + " (the nearest NF4 level to value / absmax of its "
+                                  "block)")
+
+
+def _expect_midpoints_round_down(mod):
+    """The docstring's contract: a value exactly on a midpoint goes to the lower level."""
+    import nf4
+    cb = nf4.NF4_CODEBOOK.astype(np.float64)
+    mids = (cb[:-1] + cb[1:]) / 2
+    exact = mids[mids.astype(np.float32) == mids].astype(np.float32)  # representable in fp32
+    w = np.concatenate([[1.0], exact, np.zeros(64 - 1 - exact.size)]).astype(np.float32)
+    codes = np.asarray(mod.nf4_quantize(w.copy(), blocksize=64)[0]).reshape(-1)
+    expected = nf4.unpack_4bit(nf4.quantize_nf4(w, 64, double_quant=False).packed, w.size)
+    wrong = np.flatnonzero(codes != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ExerciseFailure(
+            f"a value exactly halfway between two NF4 levels must go to the lower level "
+            f"(np.searchsorted(midpoints, value), whose default side='left' does that): value "
+            f"{w[i]:.8g} (block absmax 1.0) got code {codes[i]:g}, expected {expected[i]:g}")
+
+
 @exercise("9.21", "ex9_21_nf4_blockwise", "NF4: blockwise 4-bit NormalFloat, packing, bits per weight",
           "ours")
 def check_nf4(mod, t):
@@ -179,26 +257,23 @@ def check_nf4(mod, t):
     codes_ref = nf4.unpack_4bit(state.packed, W.size)
     out = mod.nf4_quantize(W.copy(), blocksize=bs)
     expect_tuple("nf4_quantize", out, "codes, absmax")
-    codes, absmax = out
-    expect_close("absmax", absmax, state.absmax, mistakes=[
-        (np.abs(W.T).reshape(-1, bs).max(1), "blocks are consecutive values of the row-major "
-         "flattened weight (weight.reshape(-1, blocksize)), not of its columns")])
-    normed_global = (W / np.abs(W).max()).reshape(-1)
-    mid = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2
-    expect_close("codes", np.asarray(codes).reshape(-1), codes_ref, mistakes=[
-        (np.searchsorted(mid, normed_global), "one absmax for the whole tensor: scale each block by "
-         "its own absmax"),
-        (np.clip(np.round((W / np.abs(W).max() + 1) * 7.5), 0, 15).reshape(-1), "that is a uniform "
-         "grid; map each value to the nearest NF4 level (searchsorted on the midpoints)")])
+    codes = expect_shape("codes", out[0], (W.size,), " (one code per weight, flattened)")
+    absmax = expect_shape("absmax", out[1], state.absmax.shape, f" (one per block of {bs})")
+    for name, value, dtype, why in [("codes", out[0], np.uint8, "a code 0..15 fits in one byte"),
+                                    ("absmax", out[1], np.float32, "the block constants are fp32")]:
+        got = np.asarray(value).dtype
+        expect(got == dtype, f"{name} should have dtype {np.dtype(dtype).name} ({why}), got {got}")
+    _expect_blocks(W, bs, codes, absmax, codes_ref, state.absmax)
+    _expect_midpoints_round_down(mod)
+    t.ok("nf4_quantize: uint8 codes and float32 absmax, block by block as nf4.quantize_nf4; "
+         "a value exactly on a midpoint goes down")
     back = mod.nf4_dequantize(codes_ref, state.absmax, W.shape, blocksize=bs)
     expect_close("nf4_dequantize", back, state.dequantize(np.float32), atol=1e-7, rtol=1e-6)
     expect(not np.any(np.asarray(back)[6:]), "the all-zero block must dequantize to zeros")
     expect_raises(ValueError, lambda: mod.nf4_quantize(W, blocksize=48),
                   "nf4_quantize with a blocksize that does not divide the size should raise ValueError")
-    gauss = randn(rng, 64, 64).astype(np.float32)
-    c, a = mod.nf4_quantize(gauss, 64)
-    err_nf4 = float(np.abs(mod.nf4_dequantize(c, a, gauss.shape, 64) - gauss).mean())
-    err_int4 = float(np.abs(quantization.blockwise_absmax_roundtrip(gauss, 4, 64) - gauss).mean())
+    err_nf4, err_int4 = nf4_vs_int4_error(lambda w: mod.nf4_dequantize(*mod.nf4_quantize(w, 64),
+                                                                       w.shape, 64))
     t.ok(f"nf4_quantize / nf4_dequantize match nf4.quantize_nf4 (on normal weights: mean error "
          f"{err_nf4:.4f} vs {err_int4:.4f} for uniform int4 with the same blocks)")
 

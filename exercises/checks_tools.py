@@ -62,6 +62,9 @@ def check_efficiency_analyser(mod, t):
         _expect_memory(label, mod.finetune_memory(n, tp, dtype, opt, mixed), ref)
     expect_raises(ValueError, lambda: mod.finetune_memory(1e9, dtype="fp8"),
                   "finetune_memory(..., dtype='fp8') should raise ValueError")
+    expect_raises(ValueError, lambda: mod.finetune_memory(1e9, optimizer="lion"),
+                  "finetune_memory(..., optimizer='lion') should raise ValueError (an unknown "
+                  "optimizer, as the docstring says)")
     t.ok("finetune_memory matches accounting.estimate_finetune_memory (full, LoRA, QLoRA; "
          "AdamW, SGD; fp32 .. nf4)")
 
@@ -141,10 +144,11 @@ def check_lora_manager(mod, t):
             expect_close(f"forward({p!r}, x) with adapter {name!r}", man.forward(p, xp),
                          xp @ (base[p] + delta).T, mistakes=[(xp @ base[p].T, "the adapter is missing")])
         merged = man.merged_weights()
+        for p in paths:                           # the base first: else a merge in place shows
+            expect_unchanged(f"base weight {p}", frozen[p], base[p])   # as wrong merged values
         for p in paths:
             expect_close(f"merged_weights()[{p!r}] with adapter {name!r}", merged[p],
-                         base[p] + (slots[name][p].delta_weight() if p in slots[name] else 0))
-            expect_unchanged(f"base weight {p}", frozen[p], base[p])
+                         frozen[p] + (slots[name][p].delta_weight() if p in slots[name] else 0))
     t.ok("switching adapters: delta_weight, forward and merged_weights per adapter; base untouched")
 
     w = [0.7, -0.4]

@@ -31,7 +31,7 @@ from peft import LoRALayer  # noqa: E402
 from peft_config import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig,  # noqa: E402
                          PrefixTuningConfig, PromptTuningConfig)
 from peft_model import get_peft_model  # noqa: E402
-from quantization import blockwise_absmax_roundtrip  # noqa: E402
+from checks_quant import nf4_vs_int4_error  # noqa: E402  (the measurement exercise 9.21 prints)
 
 ANSWERS = HERE / "answers.md"
 
@@ -72,13 +72,6 @@ def lora_params(d_in, d_out, r):
 def nf4_bits(double_quant=True):
     """Measured bits per weight of the library's NF4 storage (blocks of 64)."""
     return quantize_nf4(np.zeros((256, 1024), np.float32), 64, double_quant).bits_per_parameter()
-
-
-def nf4_vs_int4_error():
-    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
-    nf4 = float(np.abs(quantize_nf4(w, 64, double_quant=False).dequantize() - w).mean())
-    int4 = float(np.abs(blockwise_absmax_roundtrip(w, 4, 64) - w).mean())
-    return nf4, int4
 
 
 def bitfit_fraction():
