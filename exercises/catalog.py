@@ -12,11 +12,11 @@ import checks_lora_variants  # noqa: F401
 import checks_prefix  # noqa: F401
 import checks_quant  # noqa: F401
 import checks_tools  # noqa: F401
-from registry import _REGISTRY, Exercise, order_key  # noqa: F401  (Exercise re-exported)
+from registry import Exercise, order_key, registered  # noqa: F401  (Exercise re-exported)
 
 
 def all_exercises() -> list[Exercise]:
-    return sorted(_REGISTRY.values(), key=order_key)
+    return sorted(registered(), key=order_key)
 
 
 def find(selector: str) -> list[Exercise]:

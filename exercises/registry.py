@@ -55,3 +55,8 @@ def exercise(id: str, slug: str, title: str, kind: str):
 
 def order_key(ex: Exercise):
     return tuple(int(part) for part in ex.id.split("."))
+
+
+def registered() -> list[Exercise]:
+    """The exercises whose checker modules have been imported so far (see ``catalog``)."""
+    return list(_REGISTRY.values())

@@ -20,8 +20,6 @@ module, ``BottleneckWrapper``, placed where the block keeps ``self_attn`` and
 """
 from __future__ import annotations
 
-import numpy as np
-
 from adapters import Adapter
 from nn import Module
 from peft_base import AdapterState, Method, register, wrap_or_reuse

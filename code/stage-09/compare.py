@@ -25,6 +25,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")     # small matmuls; runs go 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -32,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from accounting import memory_report  # noqa: E402
 from checkpoint import load_model  # noqa: E402
@@ -41,7 +43,8 @@ from peft_config import ALL_LINEARS  # noqa: E402
 from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: E402
                         LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model)
 from pretrain import PRETRAINED_DIR, machine  # noqa: E402
-from tasks import DOWNSTREAM_TASKS, PRETRAIN_TASKS, fixed_test_set, make_examples  # noqa: E402
+from tasks import (DOWNSTREAM_TASKS, PRETRAIN_TASKS, fixed_test_set, make_examples,  # noqa: E402
+                   validation_set)
 from train import eval_loss, evaluate, train_step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,18 +54,20 @@ RESULTS_DIR = os.path.join(HERE, "..", "..", "results")
 @dataclass(frozen=True)
 class MethodSpec:
     make_config: object          # () -> PeftConfig
-    lr: float
+    sweep_centre: float          # the validation sweep tries rates around this one
     quantize: bool = False       # QLoRA: NF4 base first
     why: str = ""
 
 
-# Learning rates: every method got the same search, a sweep over {1e-3, 3e-3, 1e-2,
-# 3e-2, 1e-1, 3e-1} on each downstream task with seed 0 and 300 steps
-# (``--lr-sweep``; the tables are in results/lr_sweep/). The rate with the best mean
-# test accuracy over the three tasks wins; ties go to the one that disturbs the
-# pretraining tasks least (``python report.py results/lr_sweep/*.csv`` redoes the
-# choice). The few-parameter methods want rates 10-100x larger than full
-# fine-tuning: they move few numbers from an identity (or zero) start.
+# Learning rates are chosen per method AND per task on the *validation* split
+# (``--lr-sweep``: seed 0, 300 steps, three rates a half-decade apart centred on
+# ``sweep_centre``, the single rate each method used before, and one more step along
+# the ladder, up to twice, wherever the best rate is at the edge). The rate with the best
+# validation accuracy wins; ties go to the one that disturbs the pretraining tasks
+# least (lowest rise of their cross-entropy). The chosen table is
+# results/lr_sweep/chosen.csv, read by ``learning_rate``; the test sets are scored
+# only by the comparison itself. The few-parameter methods want rates 10-100x larger
+# than full fine-tuning: they move few numbers from an identity (or zero) start.
 METHODS = {
     "full": MethodSpec(FullFineTuningConfig, 3e-3, why="every weight"),
     "lora_qv": MethodSpec(lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -87,30 +92,99 @@ METHODS = {
                         quantize=True, why="LoRA r=8 on every linear over an NF4 base"),
 }
 RANKS = (1, 2, 4, 8, 16, 32)
+SEEDS = (0, 1, 2)
+STEPS, QUICK_STEPS = 300, 60
+QUICK_SIZES = dict(n_test=100, n_forget=50, n_train=500)
+LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+SWEEP_DIR = os.path.join(RESULTS_DIR, "lr_sweep")
+CHOSEN_CSV = os.path.join(SWEEP_DIR, "chosen.csv")
+QUICK_DIR = os.path.join(RESULTS_DIR, "quick")     # gitignored: --quick and partial runs
+
+
+SWEEP_EXTENSIONS = 2                               # extra ladder steps past an edge winner
+
+
+def sweep_grid(method, width=1):
+    """The ``2 * width + 1`` ladder rates centred on the method's ``sweep_centre``."""
+    i = LR_LADDER.index(METHODS[method].sweep_centre)
+    return LR_LADDER[max(0, i - width):i + width + 1]
+
+
+def beyond_edges(chosen, tried):
+    """``(method, task, lr)`` one ladder step past each winner at the edge of its tried rates."""
+    extra = []
+    for c in chosen:
+        rates = sorted(lr for m, t, lr in tried if (m, t) == (c["method"], c["task"]))
+        i = LR_LADDER.index(c["lr"])
+        step = -1 if c["lr"] == rates[0] else 1 if c["lr"] == rates[-1] else 0
+        if step and 0 <= i + step < len(LR_LADDER) and (c["method"], c["task"], LR_LADDER[i + step]) not in tried:
+            extra.append((c["method"], c["task"], LR_LADDER[i + step]))
+    return extra
+
+
+@functools.lru_cache(maxsize=None)
+def chosen_rates(path=CHOSEN_CSV):
+    """``{(method, task): lr}`` from the validation sweep's table."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no learning-rate table at {path}; make it with "
+                                "`python code/stage-09/compare.py --lr-sweep`")
+    with open(path) as f:
+        return {(r["method"], r["task"]): float(r["lr"]) for r in csv.DictReader(f)}
+
+
+def learning_rate(method, task):
+    """The validation-chosen rate for ``method`` on ``task`` (results/lr_sweep/chosen.csv)."""
+    rates = chosen_rates()
+    if (method, task) not in rates:
+        raise KeyError(f"no chosen learning rate for method {method!r} on task {task!r} in "
+                       f"{CHOSEN_CSV}; known: {sorted(rates)}")
+    return rates[(method, task)]
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """Every setting of one fine-tuning run; ``lr=None`` means the chosen rate."""
     method: str
     task: str
     seed: int
-    steps: int
+    steps: int = STEPS
     batch_size: int = 32
     n_train: int = 2000
     n_test: int = 500
     n_forget: int = 200
     rank: int | None = None      # rank-sweep runs override LoRA's r
-    lr: float | None = None      # --lr-sweep overrides the method's rate
+    lr: float | None = None      # --lr-sweep overrides the method's chosen rate
+    split: str = "test"          # the held-out set scored: "validation" in the sweep
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr is None:      # the rank sweep keeps alpha/r = 2, so lora_all's rate holds
+            object.__setattr__(self, "lr", learning_rate(
+                "lora_all" if self.rank is not None else self.method, self.task))
 
 
-def build(spec: RunSpec):
-    """The base model with this run's method attached (and quantized for QLoRA)."""
+def run_spec(method, task, seed=0, quick=False, **overrides) -> RunSpec:
+    """The comparison's settings for one run: what notebooks and scripts train with."""
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if quick:
+        overrides = {"steps": QUICK_STEPS, **QUICK_SIZES, **overrides}
+    return RunSpec(method, task, seed, **overrides)
+
+
+def build(spec: RunSpec, config=None):
+    """The base model with this run's method attached (and quantized for QLoRA).
+
+    ``config`` replaces the method's own config (a notebook varying one knob, e.g.
+    the bottleneck size, at the method's rate); the rank sweep's configs come from
+    ``spec.rank``."""
     method = METHODS[spec.method]
     base = load_model(PRETRAINED_DIR)
     if method.quantize:
         from quantization import quantize_model
         quantize_model(base, "nf4", ALL_LINEARS)
-    config = method.make_config()
+    if config is None:
+        config = method.make_config()
     if spec.rank is not None:
         config = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, target_modules=ALL_LINEARS)
     return get_peft_model(base, config, seed=spec.seed)
@@ -122,34 +196,49 @@ def pretrain_metrics(model, n):
     return float(np.mean(accs)), float(np.mean(ces))
 
 
-def finetune(spec: RunSpec):
-    """Build and train one run: ``(model, optimizer, lr, final loss, per-step seconds)``."""
-    model = build(spec)
-    lr = spec.lr or METHODS[spec.method].lr
-    optimizer = AdamW(model, lr=lr)
+def finetune(spec: RunSpec, config=None):
+    """Build and train one run: ``(model, optimizer, losses, per-step seconds)``.
+
+    The one training recipe of the comparison and the notebooks: AdamW at ``spec.lr``,
+    linear warm-up over the first 5% of steps then cosine decay, gradient clipping, batches drawn with ``spec.seed``
+    from a fixed training set."""
+    model = build(spec, config)
+    optimizer = AdamW(model, lr=spec.lr)
     data = make_examples(spec.task, spec.n_train, seed=0)
     rng = np.random.default_rng(spec.seed)
-    times, loss = [], float("nan")
+    times, losses = [], []
     for step in range(spec.steps):
         optimizer.set_lr_scale(warmup_cosine(step, spec.steps, spec.steps // 20))
         batch = [data[i] for i in rng.integers(0, len(data), spec.batch_size)]
         t0 = time.perf_counter()
-        loss, _ = train_step(model, optimizer, batch, grad_clip=1.0)
+        loss, _ = train_step(model, optimizer, batch, grad_clip=spec.grad_clip)
         times.append(time.perf_counter() - t0)
-    return model, optimizer, lr, loss, times
+        losses.append(float(loss))
+    return model, optimizer, losses, times
+
+
+HELD_OUT = {"test": fixed_test_set, "validation": validation_set}
 
 
 def run(spec: RunSpec) -> dict:
-    """One fine-tuning run; returns a flat dict of measurements."""
-    model, optimizer, lr, loss, times = finetune(spec)
+    """One fine-tuning run; returns a flat dict of measurements.
+
+    A validation (sweep) run measures only what the choice uses: validation accuracy
+    and the pretraining tasks' cross-entropy (the tie-break)."""
+    model, optimizer, losses, times = finetune(spec)
     trainable, total = model.get_nb_trainable_parameters()
     row = {"method": spec.method, "task": spec.task, "seed": spec.seed, "rank": spec.rank,
-           "lr": lr, "steps": spec.steps, "final_loss": float(loss),
+           "lr": spec.lr, "steps": spec.steps, "split": spec.split,
+           "final_loss": losses[-1] if losses else float("nan"),
            "trainable_params": trainable, "total_params": total,
            "trainable_pct": 100.0 * trainable / total,
-           "test_accuracy": evaluate(model, fixed_test_set(spec.task, spec.n_test)),
+           f"{spec.split}_accuracy": evaluate(model, HELD_OUT[spec.split](spec.task, spec.n_test)),
            "step_ms": 1000 * float(np.median(times)),
            "trainable_state_bytes": memory_report(model, optimizer)["trainable_state"]}
+    if spec.split == "validation":
+        row["pretrain_ce"] = float(np.mean([eval_loss(model, fixed_test_set(t, spec.n_forget))
+                                            for t in PRETRAIN_TASKS]))
+        return row
     row["pretrain_accuracy"], row["pretrain_ce"] = pretrain_metrics(model, spec.n_forget)
     with model.disable_adapter():
         row["disabled_accuracy"], row["disabled_ce"] = pretrain_metrics(model, spec.n_forget)
@@ -165,7 +254,10 @@ def base_metrics(n_forget):
     return {"pretrain_accuracy": acc, "pretrain_ce": ce}
 
 
-def run_all(specs, workers=2, progress=True):
+def run_all(specs, workers=2, progress=True, log=None):
+    """Every run, ``workers`` at a time; with ``log``, each finished row is also
+    appended there as a JSON line (a long run that dies keeps what it measured)."""
+    from tqdm import tqdm          # (here: notebooks import this module and never show a bar)
     rows = []
     # "spawn": a fresh interpreter per worker (a forked child would inherit dead
     # thread pools and locks from the parent)
@@ -173,17 +265,17 @@ def run_all(specs, workers=2, progress=True):
         for row in tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
                         desc="fine-tuning runs"):
             rows.append(row)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return rows
 
 
-LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
-
-
-def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=None):
-    kw = dict(n_test=100, n_forget=50, n_train=500) if quick else {}
+def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=False):
+    kw = dict(QUICK_SIZES) if quick else {}
     if lr_sweep:
-        return [RunSpec(m, tasks[0], seeds[0], steps, lr=lr, **kw)
-                for m in methods for lr in lr_sweep]
+        return [RunSpec(m, t, seeds[0], steps, lr=lr, split="validation", **kw)
+                for m in methods for t in tasks for lr in sweep_grid(m)]
     specs = [RunSpec(m, t, s, steps, **kw) for m in methods for t in tasks for s in seeds]
     if rank_sweep and not quick:
         specs += [RunSpec("lora_all", tasks[0], s, steps, rank=r, **kw)
@@ -191,19 +283,30 @@ def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=No
     return specs
 
 
+def output_dir(out, full, lr_sweep):
+    """Where results go: only a full run may write the committed ``results/``."""
+    committed = SWEEP_DIR if lr_sweep else RESULTS_DIR
+    if out is None:
+        return committed if full else os.path.join(QUICK_DIR, "lr_sweep" if lr_sweep else "")
+    if not full and os.path.realpath(out) in {os.path.realpath(RESULTS_DIR), os.path.realpath(SWEEP_DIR)}:
+        raise SystemExit(f"--out {out}: a quick or partial run may not overwrite the committed "
+                         f"full results; leave --out unset (it writes to {QUICK_DIR})")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune the pretrained base with every PEFT method.")
     p.add_argument("--quick", action="store_true", help="every method, one task, one seed, short")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tasks", default=",".join(DOWNSTREAM_TASKS))
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--out", default=None, help="default: results/ for the full run, "
+                   "results/quick/ (gitignored) for --quick or any partial run")
     p.add_argument("--no-rank-sweep", action="store_true")
-    p.add_argument("--lr-sweep", nargs="?", const=",".join(map(str, LR_GRID)), default=None,
-                   metavar="LRS", help="sweep learning rates (default grid %(const)s) on the "
-                   "first task and seed instead of the comparison")
+    p.add_argument("--lr-sweep", action="store_true", help="instead of the comparison, sweep "
+                   "learning rates on the validation split (seed 0) and write the chosen table")
     a = p.parse_args(argv)
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -211,18 +314,36 @@ def main(argv=None):
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     tasks = ["add3"] if a.quick and a.tasks == ",".join(DOWNSTREAM_TASKS) else a.tasks.split(",")
     seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
-    steps = a.steps or (60 if a.quick else 300)
-    lrs = [float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None
-    specs = plan(methods, tasks, seeds, steps, a.quick, not a.no_rank_sweep, lrs)
+    steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
+    full = (not a.quick and a.steps is None and methods == list(METHODS)
+            and tasks == list(DOWNSTREAM_TASKS) and (a.lr_sweep or (seeds == list(SEEDS)
+                                                                    and not a.no_rank_sweep)))
+    out = output_dir(a.out, full, a.lr_sweep)
+    specs = plan(methods, tasks, seeds, steps, a.quick, not a.no_rank_sweep, a.lr_sweep)
     start = time.perf_counter()
-    base = base_metrics(50 if a.quick else 200)
-    rows = run_all(specs, a.workers)
+    base = base_metrics(QUICK_SIZES["n_forget"] if a.quick else RunSpec.n_forget)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "progress.jsonl")            # removed once the results are written
+    if os.path.exists(log):
+        os.remove(log)
+    rows = run_all(specs, a.workers, log=log)
+    import report
+    for _ in range(SWEEP_EXTENSIONS if a.lr_sweep else 0):   # the best at an edge: one step further
+        tried = {(r["method"], r["task"], r["lr"]) for r in rows}
+        extra = beyond_edges(report.choose_learning_rates(report.aggregate(rows, base)), tried)
+        if not extra:
+            break
+        rows += run_all([RunSpec(m, t, seeds[0], steps, lr=lr, split="validation",
+                                 **(dict(QUICK_SIZES) if a.quick else {})) for m, t, lr in extra],
+                        a.workers, log=log)
     seconds = time.perf_counter() - start
-    from report import write_results
     command = "python code/stage-09/compare.py " + " ".join(argv if argv is not None else
                                                              __import__("sys").argv[1:])
-    write_results(rows, base, a.out, command=command.strip(), machine=machine(), seconds=seconds,
-                  plots=not a.lr_sweep)
+    write = report.write_sweep if a.lr_sweep else report.write_results
+    write(rows, base, out, command=command.strip(), machine=machine(), seconds=seconds)
+    os.remove(log)
+    if full and not a.lr_sweep and out == RESULTS_DIR:      # the README quotes these results
+        report.update_readme(os.path.join(HERE, "..", "..", "README.md"), out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Gradients. The course's standalone form, ``LoRALayer.forward(x, W)`` then
 ``backward(dout)``, *sets* ``A_grad`` and ``B_grad``, so the course's loop
 (forward, backward, ``A -= lr * A_grad``, no zeroing) trains correctly. Inside
 a model (``delta`` / ``delta_backward``, which ``LoRALinear`` calls) gradients
-*accumulate*, as every module of the model does (``nn.py``'s protocol).
+*accumulate*, as every module of the model does (``module.py``'s protocol).
 
 Merging, and which verbs change something::
 

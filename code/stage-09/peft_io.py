@@ -7,11 +7,14 @@
 
 LoRA (rsLoRA, DoRA, ``bias`` modes), (IA)3, prompt and prefix tuning are written
 exactly as ``peft`` writes them for the equivalent ``OPTForCausalLM`` (the mini
-GPT *is* an OPT decoder; ``hf_names.py`` holds the name table). Two of our
-settings have no ``peft`` field and are kept as extra keys, which ``peft``
+GPT *is* an OPT decoder; ``hf_names.py`` holds the name table). One of our
+settings has no ``peft`` field and is kept as an extra key, which ``peft``
 ignores with a warning: ``position_convention: "keep"`` of prompt and prefix
-tuning. Methods ``peft`` lacks (bottleneck adapters, BitFit, full fine-tuning)
-are written in the same files with our own dotted tensor names.
+tuning. What ``peft`` cannot hold -- bottleneck adapters, BitFit, full
+fine-tuning, and a prefix still produced by its MLP (``prefix_projection``; peft
+saves only the table, and training would go on without the MLP) -- is written
+in the same two files with our own dotted tensor names.
+(``hf_export.export_adapter`` writes the MLP's table, as peft does.)
 
 Loading reads either layout, and also the files written before this one (our
 dotted names plus a ``base_model_config`` key; ``tests/fixtures/adapters_v1``).
@@ -160,7 +163,8 @@ def adapter_files(peft_model, adapter_name, base_model_name_or_path=None, dtype=
     """
     state = peft_model.adapters[adapter_name]
     kind = state.config.peft_type
-    if kind in HF_WRITERS:
+    mlp = getattr(state.encoder, "embedding", None) is not None     # a prefix MLP still training
+    if kind in HF_WRITERS and not (mlp and extensions):
         config, tensors = HF_WRITERS[kind](peft_model, state)
         convention = getattr(state.config, "position_convention", "shift")
         if extensions and convention != "shift":

@@ -13,6 +13,7 @@ Each is registered when this module is imported; ``peft_model`` imports it (and
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
@@ -32,8 +33,12 @@ class LoraMethod(Method):
         state = AdapterState(config)
         paths = find_linear_targets(model, config.target_modules, config.layers_to_transform,
                                     LoRALinear)
-        for path, layer_rng in zip(paths, rng.spawn(len(paths))):   # one stream per layer
+        # each layer draws from its own stream, named by the adapter's seed and the layer's
+        # path: its init does not depend on which other layers are targeted, or in what order
+        seed = int(rng.integers(2**63))
+        for path in paths:
             wrapper = wrap_or_reuse(model, path, LoRALinear, LoRALinear.around)
+            layer_rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
             state.slots[path] = new_lora_layer(wrapper, config, layer_rng)
         if config.bias == "all":
             state.trainable = bias_names(model)

@@ -16,14 +16,22 @@ Pretraining tasks (the mixture the base model sees): ``copy``, ``reverse``,
 in that mixture; PEFT methods fine-tune on them): ``sort_desc``, ``add3`` and the
 classification ``is_sorted`` (answer ``YES`` or ``NO``).
 
-Train/test split. A digit sequence belongs to the *test split* when a stable
-hash of its digits falls in the top ``TEST_FRACTION`` of the hash range. Training
-examples (``make_examples``) are drawn only from the train split and
-``fixed_test_set`` only from the test split, so no test prompt is ever trained
-on, whatever the seeds or sizes -- this matters for 2-digit inputs, where
-there are only 100 possible prompts. The split depends on the digits alone, so
-a test sequence is unseen by *every* task, pretraining included. The two
-functions also draw from distinct seed streams, so equal seeds give unrelated data.
+Train/validation/test split. A stable hash of a digit sequence, read as a
+fraction of the hash range, puts it in the *test split* when it is below
+``TEST_FRACTION``, in the *validation split* when it is in the next
+``VALIDATION_FRACTION``, and in the *train split* otherwise. Training examples
+(``make_examples``) are drawn only from the train split, ``validation_set`` only
+from the validation split and ``fixed_test_set`` only from the test split, so no
+validation or test prompt is ever trained on, whatever the seeds or sizes --
+this matters for 2-digit inputs, where there are only 100 possible prompts.
+The split depends on the digits alone, so a test sequence is unseen by *every*
+task. Hyper-parameters are chosen on the validation split (``compare.py
+--lr-sweep``); the test split is scored once, by the comparison itself.
+
+The shipped base (``pretrained/``) was pretrained before the validation split
+existed: it has seen validation digit strings under the *pretraining* tasks
+(never under a downstream task, and never a test string). The three functions
+draw from distinct seed streams, so equal seeds give unrelated data.
 """
 from __future__ import annotations
 
@@ -44,7 +52,9 @@ YES, NO = DIGIT0 + 10, DIGIT0 + 11                 # ids 29, 30 are labels
 VOCAB_SIZE = 64                                     # ids 31..63 are free for later use
 MIN_LEN, MAX_LEN = 2, 8                             # default input lengths (digits)
 TEST_FRACTION = 0.1
-TRAIN_STREAM, TEST_STREAM = 0, 1
+VALIDATION_FRACTION = 0.1
+SPLITS = ("train", "validation", "test")
+_STREAM = {"train": 0, "test": 1, "validation": 2}     # seed stream per split
 
 
 def digit_tokens(digits) -> list[int]:
@@ -135,10 +145,20 @@ def get_task(task) -> Task:
 
 
 # ---- examples ----------------------------------------------------------------
-def in_test_split(digits) -> bool:
-    """Stable (process-independent) hash of the digits decides the split."""
+def split_of(digits) -> str:
+    """``"train"``, ``"validation"`` or ``"test"``: a stable (process-independent)
+    hash of the digits decides (the test split is the same as before validation existed)."""
     h = hashlib.blake2b(bytes(int(d) for d in digits), digest_size=8, key=b"held-out").digest()
-    return int.from_bytes(h, "little") < TEST_FRACTION * 2.0**64
+    x = int.from_bytes(h, "little")
+    if x < TEST_FRACTION * 2.0**64:
+        return "test"
+    if x < (TEST_FRACTION + VALIDATION_FRACTION) * 2.0**64:
+        return "validation"
+    return "train"
+
+
+def in_test_split(digits) -> bool:
+    return split_of(digits) == "test"
 
 
 def _rng(task: Task, seed: int, stream: int):
@@ -152,20 +172,19 @@ def check_lengths(min_len, max_len) -> None:
         raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
 
 
-def _sample(task, n, seed, min_len, max_len, test):
+def _sample(task, n, seed, min_len, max_len, split):
     check_int("n", n, 0)
     check_int("seed", seed, 0)
     check_lengths(min_len, max_len)
     task = get_task(task)
-    rng = _rng(task, seed, TEST_STREAM if test else TRAIN_STREAM)
+    rng = _rng(task, seed, _STREAM[split])
     examples, draws = [], 0
     while len(examples) < n:
         digits, answer = task.generator(rng, int(rng.integers(min_len, max_len + 1)))
-        if in_test_split(digits) == test:           # rejection keeps the splits disjoint
+        if split_of(digits) == split:               # rejection keeps the splits disjoint
             examples.append(([task.token, *digit_tokens(digits), SEP], list(answer)))
         draws += 1
         if draws > 1000 * (n + 10):                 # e.g. 1-digit inputs have no test split
-            split = "test" if test else "train"
             raise ValueError(f"the {split} split of {task.name!r} has (almost) no inputs of "
                              f"length {min_len}..{max_len}; use longer inputs")
     return examples
@@ -177,12 +196,17 @@ def make_examples(task, n, seed=0, min_len=MIN_LEN, max_len=MAX_LEN):
     ``prompt = [task, digits..., SEP]``; ``answer`` excludes ``EOS`` (``make_batch``
     appends it). Deterministic in ``(task, n, seed, lengths)``.
     """
-    return _sample(task, n, seed, min_len, max_len, test=False)
+    return _sample(task, n, seed, min_len, max_len, "train")
 
 
 def fixed_test_set(task, n=500, seed=0, min_len=MIN_LEN, max_len=MAX_LEN):
     """``n`` held-out examples from the test split (see the module docstring)."""
-    return _sample(task, n, seed, min_len, max_len, test=True)
+    return _sample(task, n, seed, min_len, max_len, "test")
+
+
+def validation_set(task, n=500, seed=0, min_len=MIN_LEN, max_len=MAX_LEN):
+    """``n`` held-out examples from the validation split: for choosing hyper-parameters."""
+    return _sample(task, n, seed, min_len, max_len, "validation")
 
 
 def make_batch(examples, context_length=None, pad_id=PAD):

@@ -80,6 +80,14 @@ OURS = {   # adapter directories written by PeftModel.save_pretrained, loaded by
 }
 
 
+PEFT_WRITES = {   # peft writes an adapter for the exported base; ours must write the same layout
+    "peft_qv": ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
+    "peft_dora_fc": ({"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": ["fc1", "fc2"]},
+                     LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["fc1", "fc2"])),
+}
+
+
 @pytest.fixture(scope="module")
 def peft_loads_ours(tmp_path_factory):
     if hf_missing():
@@ -95,12 +103,16 @@ def peft_loads_ours(tmp_path_factory):
         save_file(arrays, root / f"{name}.safetensors")
         cases.append({"name": name, "base": str(root / "base"), "adapter": str(root / name),
                       "arrays": str(root / f"{name}.safetensors")})
-    (root / "manifest.json").write_text(json.dumps({"cases": cases, "make": []}))
+    make = [{"name": name, "base": str(root / "base"), "lora": lora, "out": str(root / name),
+             "arrays": str(root / "lora.safetensors"), "logits": str(root / f"{name}.logits")}
+            for name, (lora, _) in PEFT_WRITES.items()]
+    (root / "manifest.json").write_text(json.dumps({"cases": cases, "make": make}))
     run = subprocess.run([sys.executable, CHECK, str(root / "manifest.json"), str(root / "results.json")],
                          cwd=str(root), env=clean_env(), capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         pytest.fail(f"hf_check.py failed:\n{run.stdout}\n{run.stderr[-4000:]}")
-    return json.loads((root / "results.json").read_text())["cases"]
+    results = json.loads((root / "results.json").read_text())
+    return dict(results["cases"], made=results["made"], root=root)
 
 
 @needs_hf
@@ -110,3 +122,26 @@ def test_hugging_face_loads_what_save_pretrained_wrote(peft_loads_ours, name):
     assert "error" not in result, result.get("error")
     assert result["load_problems"] == {} and result["adapter_load_warnings"] == [], result
     assert result["max_abs_logit_diff"] <= LOGIT_TOL, result
+
+
+@needs_hf
+@pytest.mark.parametrize("name", list(PEFT_WRITES))
+def test_save_pretrained_writes_what_peft_writes(peft_loads_ours, name, tmp_path):
+    """Same tensor keys and shapes, same values in the fields both have, as peft's own
+    ``save_pretrained`` for the same LoRA on the same (exported) base."""
+    made, root = peft_loads_ours["made"][name], peft_loads_ours["root"]
+    assert "error" not in made, made
+    base = scaled_base()
+    base.name_or_path = str(root / "base")
+    get_peft_model(base, PEFT_WRITES[name][1]).save_pretrained(tmp_path)
+    theirs = load_file(root / name / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert {v.dtype for v in ours.values()} == {v.dtype for v in theirs.values()}
+    their_cfg = json.loads((root / name / "adapter_config.json").read_text())
+    our_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
+              "bias", "use_rslora", "use_dora", "fan_in_fan_out", "layers_to_transform")
+    assert {f: our_cfg[f] for f in fields} == {f: their_cfg[f] for f in fields}
+    assert sorted(our_cfg["target_modules"]) == sorted(their_cfg["target_modules"])
+    assert set(our_cfg) <= set(their_cfg), sorted(set(our_cfg) - set(their_cfg))   # no key peft lacks

@@ -9,7 +9,6 @@
   the registered methods, and its worked example (a new method) runs.
 """
 import ast
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ DOC = ROOT / "docs" / "ARCHITECTURE.md"
 # The PEFT core's layers, bottom to top (docs/ARCHITECTURE.md): a module may import
 # only from its own layer or below.
 CORE_LAYERS = [
-    ["validate", "nn", "targets", "nf4", "gradcheck"],
+    ["validate", "module", "nn", "targets", "nf4", "gradcheck"],
     ["minigpt", "gpt2", "quantization", "quantized_embedding", "optim", "accounting"],
     ["lora", "adapters", "soft_prompts", "dora", "peft_config"],
     ["peft_base", "peft_methods", "ia3", "bottleneck"],

@@ -56,7 +56,6 @@ def test_lora_plus_prompt_disable_and_save_load(tmp_path):
     logits = model(tokens)
     with model.disable_adapter():
         assert np.array_equal(model(tokens), expected_base)
-    pytest.importorskip("peft_io", reason="needs checkpoint.py", exc_type=ImportError)
     model.save_pretrained(str(tmp_path))                    # default -> dir, prompt -> dir/prompt
     loaded = PeftModel.from_pretrained(tiny_base(), str(tmp_path))
     loaded.load_adapter(str(tmp_path / "prompt"), "prompt")

@@ -1,9 +1,13 @@
-"""The comparison runner's quick mode, and the structural facts its table must show."""
+"""The comparison runner's quick mode, the structural facts its table must show, and
+the honesty of the committed results (rates chosen on validation, README from results)."""
+import csv
 import json
+import os
 
 import pytest
 
 import compare
+import report
 from checkpoint import load_model
 from pretrain import PRETRAINED_DIR
 from tasks import DOWNSTREAM_TASKS, PRETRAIN_TASKS, fixed_test_set
@@ -57,6 +61,67 @@ def test_counts_and_bytes_are_consistent(quick_results):
     assert rows["prompt"]["trainable_params"] == 10 * d
     assert rows["prefix"]["trainable_params"] == L * 2 * 10 * d
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
-    for row in rows.values():                       # params + grads + 2 AdamW moments, float32
+    # the file holds the trainable numbers, except prefix_mlp's: like Hugging Face peft, it
+    # stores the table the MLP produces (layers x key/value x P x d), not the MLP
+    stored = {"prefix_mlp": L * 2 * 10 * d}
+    for name, row in rows.items():                   # params + grads + 2 AdamW moments, float32
         assert row["trainable_state_bytes"] == 16 * row["trainable_params"]
-        assert 4 * row["trainable_params"] <= row["adapter_bytes"] <= 4 * row["trainable_params"] + 16384
+        n = stored.get(name, row["trainable_params"])
+        assert 4 * n <= row["adapter_bytes"] <= 4 * n + 16384, name
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_and_partial_runs_never_write_the_committed_results():
+    assert compare.output_dir(None, full=True, lr_sweep=False) == compare.RESULTS_DIR
+    assert compare.output_dir(None, full=True, lr_sweep=True) == compare.SWEEP_DIR
+    assert compare.output_dir(None, full=False, lr_sweep=False).startswith(compare.QUICK_DIR)
+    assert compare.output_dir(None, full=False, lr_sweep=True).startswith(compare.QUICK_DIR)
+    for argv in (["--quick", "--out", compare.RESULTS_DIR], ["--methods", "lora_qv", "--out", compare.RESULTS_DIR],
+                 ["--lr-sweep", "--tasks", "add3", "--out", compare.SWEEP_DIR]):
+        with pytest.raises(SystemExit, match="may not overwrite"):
+            compare.main(argv)                       # refused before any run starts
+    with open(os.path.join(compare.RESULTS_DIR, "..", ".gitignore")) as f:
+        assert "/results/quick/" in f.read().split()
+
+
+def test_learning_rates_were_chosen_on_the_validation_split():
+    sweep = read_csv(os.path.join(compare.SWEEP_DIR, "sweep.csv"))
+    runs = read_csv(os.path.join(compare.SWEEP_DIR, "runs.csv"))
+    assert "test_accuracy" not in sweep[0] and "test_accuracy" not in runs[0]   # no test set looked at
+    assert {r["split"] for r in runs} == {"validation"}
+    for r in sweep:
+        for k in ("lr", "validation_accuracy", "ce_rise"):
+            r[k] = float(r[k])
+    redone = [(c["method"], c["task"], c["lr"]) for c in report.choose_learning_rates(sweep)]
+    stored = [(c["method"], c["task"], float(c["lr"])) for c in read_csv(compare.CHOSEN_CSV)]
+    assert redone == stored                          # chosen.csv is the sweep's choice, not edited
+    assert {(m, t) for m, t, _ in stored} == {(m, t) for m in compare.METHODS for t in DOWNSTREAM_TASKS}
+    # every method got the same search: its three-rate grid, grown past an edge winner
+    # exactly as compare.main does (replayed here from the stored measurements)
+    by_rate = {(r["method"], r["task"], r["lr"]): r for r in sweep}
+    tried = {(m, t, lr) for m in compare.METHODS for t in DOWNSTREAM_TASKS for lr in compare.sweep_grid(m)}
+    for _ in range(compare.SWEEP_EXTENSIONS):
+        extra = compare.beyond_edges(report.choose_learning_rates([by_rate[k] for k in tried]), tried)
+        tried |= set(extra)
+    assert tried == set(by_rate)
+
+
+def test_committed_comparison_trained_with_the_chosen_rates():
+    summary = read_csv(os.path.join(compare.RESULTS_DIR, "summary.csv"))
+    for s in summary:
+        method = "lora_all" if s["rank"] else s["method"]
+        assert float(s["lr"]) == compare.learning_rate(method, s["task"]), (s["method"], s["task"])
+    assert {(s["method"], s["task"]) for s in summary if not s["rank"]} == \
+        {(m, t) for m in compare.METHODS for t in DOWNSTREAM_TASKS}
+
+
+def test_readme_quotes_the_committed_results():
+    readme = os.path.join(compare.RESULTS_DIR, "..", "README.md")
+    with open(readme) as f:
+        text = f.read()
+    assert report.readme_section(compare.RESULTS_DIR) in text, \
+        "README's main-job block is stale: run `python code/stage-09/report.py --readme`"

@@ -137,3 +137,27 @@ def test_cross_entropy_all_ignored_is_nan_as_in_pytorch(rng):
 def test_cross_entropy_is_stable_for_huge_logits():
     loss, d = cross_entropy(np.array([[1000.0, 0.0, -1000.0]]), np.array([0]))
     assert np.isfinite(loss) and np.all(np.isfinite(d)) and loss < 1e-12
+
+
+def test_module_counts_parameters_once_for_every_class():
+    """``Module`` provides ``parameters``/``gradients``/``num_parameters`` (no overrides):
+    ``trainable_only`` is honoured, a missing parameter is never listed as ``None``, and
+    the course's ``LoRALinear`` lists what trains, as the course does."""
+    from minigpt import GPTConfig
+    from peft import LoRALayer, LoRALinear, PrefixTuningConfig
+    from peft_methods import PrefixEncoder
+    cfg = GPTConfig(vocab_size=11, context_length=8, d_model=8, n_layers=2, n_heads=2)
+    encoder = PrefixEncoder(cfg, PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True),
+                            np.random.default_rng(0))
+    assert all(p is not None for p in encoder.parameters())
+    assert encoder.num_parameters() == sum(p.size for p in encoder.parameters()) > 0
+    lora = LoRALayer(4, 3, rank=2)
+    lora.requires_grad_(False, ["A"])
+    assert [p.shape for p in lora.parameters(trainable_only=True)] == [(3, 2)]
+    assert lora.num_parameters(trainable_only=True) == 6 and lora.num_parameters() == 14
+    layer = LoRALinear(np.ones((3, 4)), np.zeros(3), lora_rank=2)
+    assert [p.shape for p in layer.parameters()] == [(2, 4), (3, 2)]
+    assert len(layer.parameters(trainable_only=False)) == 4          # + the frozen W and b
+    assert [p.requires_grad for p in layer.parameters(trainable_only=False)] == [False, False, True, True]
+    with pytest.raises(ValueError, match="got r=True"):
+        LoRALayer(4, 3, rank=True)                      # True is not a rank, anywhere

@@ -141,8 +141,6 @@ def test_short_run_lowers_the_loss_on_a_downstream_task(method):
 
 @pytest.mark.parametrize("method", IDS)
 def test_save_load_round_trip(method, tmp_path):
-    pytest.importorskip("peft_io", reason="needs checkpoint.py (save_tensors/load_tensors)",
-                        exc_type=ImportError)
     model = make(method, small_base())
     train_steps(model, steps=2)
     tokens, _, mask = data(CFG32, pad=True)

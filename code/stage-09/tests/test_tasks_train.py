@@ -7,8 +7,8 @@ import pytest
 from minigpt import GPT, GPTConfig
 from optim import SGD
 from tasks import (DIGIT0, DOWNSTREAM_TASKS, EOS, NO, PAD, PRETRAIN_TASKS, SEP, TASKS, VOCAB_SIZE,
-                   YES, MixtureSampler, decode, fixed_test_set, in_test_split, make_batch,
-                   make_examples)
+                   TEST_FRACTION, VALIDATION_FRACTION, YES, MixtureSampler, decode, fixed_test_set,
+                   in_test_split, make_batch, make_examples, split_of, validation_set)
 from train import eval_loss, evaluate, greedy_answers, train
 
 
@@ -70,6 +70,24 @@ def test_test_set_is_disjoint_from_training_data():
             train_digits = {tuple(digits_of(p)) for p, _ in make_examples(task, 1000, seed, 2, 3)}
             assert not train_digits & test_digits
     assert fixed_test_set("copy", 500, min_len=2, max_len=3) == test
+
+
+def test_validation_set_is_disjoint_from_training_and_test_data():
+    """Learning rates are chosen on it, so it must share no input with either."""
+    val = validation_set("add3", 300, min_len=2, max_len=3)
+    val_digits = {tuple(digits_of(p)) for p, _ in val}
+    assert all(split_of(d) == "validation" for d in val_digits)
+    test_digits = {tuple(digits_of(p)) for p, _ in fixed_test_set("add3", 500, min_len=2, max_len=3)}
+    assert not val_digits & test_digits
+    for task in PRETRAIN_TASKS + DOWNSTREAM_TASKS:
+        for seed in range(3):
+            train_digits = {tuple(digits_of(p)) for p, _ in make_examples(task, 1000, seed, 2, 3)}
+            assert not train_digits & val_digits, task
+    assert validation_set("add3", 300, min_len=2, max_len=3) == val
+    rng = np.random.default_rng(0)                    # each split has about its share of inputs
+    splits = [split_of(rng.integers(0, 10, 6)) for _ in range(20000)]
+    assert splits.count("test") / len(splits) == pytest.approx(TEST_FRACTION, abs=0.01)
+    assert splits.count("validation") / len(splits) == pytest.approx(VALIDATION_FRACTION, abs=0.01)
 
 
 def test_make_batch_shifts_and_masks():

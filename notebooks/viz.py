@@ -1,31 +1,45 @@
-"""Small helpers the notebooks share: run sizes, one fine-tuning run, timing, spectra, plots.
+"""Helpers the notebooks share (not part of the course module): run sizes, one
+fine-tuning run, timing, spectra, plots, and executing the notebooks.
 
-The notebooks in ``notebooks/`` stay thin: they import the library, explain,
-measure and plot. What they need beyond the library's own API lives here:
+The notebooks in ``notebooks/`` stay thin: they import the library in
+``code/stage-09``, explain, measure and plot. What they need beyond the library's
+own API lives here:
 
 * ``quick_mode`` / ``pick``: ``PEFT_NOTEBOOK_QUICK=1`` shrinks every run so the
   test suite can execute the notebooks in seconds (the committed outputs come
   from a full run);
 * ``load_base``: the shipped pretrained mini GPT (``pretrain.PRETRAINED_DIR``);
-* ``finetune``: one fine-tuning run with any PEFT config, the same recipe as
-  ``compare.run`` (AdamW, warm-up + cosine, gradient clipping at 1, a fixed
-  training set, exact-match accuracy on the task's held-out test set);
+* ``settings`` / ``finetune``: one fine-tuning run *with the comparison's settings*
+  (``compare.run_spec``: the method's validation-chosen learning rate for the task,
+  steps, batch, training set, seed) and its training loop (``compare.finetune``);
+  a notebook may swap the method's config for a variant (another rank, bottleneck,
+  prompt length) but not the settings;
 * ``time_interleaved``: median wall time of several functions timed in turn
   (A B C A B C ...), so a shared machine that slows down slows all of them alike;
 * ``effective_rank`` / ``entropy_effective_rank``: how many directions a weight
   update really uses;
 * ``ShiftedPositions``: the base model reading its tokens at positions
   ``shift..shift+T-1`` (what prompt tuning's ``"shift"`` convention does to it);
-* plots: attention with prefix columns, the NF4 levels over a weight histogram.
+* plots: one colour and marker per method (``method_style``, shared with
+  ``report.py``'s figures), attention with prefix columns and a colorbar, the NF4
+  levels over a weight histogram.
+
+Run ``python notebooks/viz.py notebooks/*.ipynb --write`` to re-execute the notebooks.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
 
-from data_parallel import environment
+CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "code", "stage-09")
+if os.path.abspath(CODE_DIR) not in map(os.path.abspath, sys.path):
+    sys.path.insert(0, os.path.abspath(CODE_DIR))
+
+from data_parallel import environment  # noqa: E402
+from report import method_style  # noqa: E402,F401  (re-exported for the notebooks)
 
 QUICK_ENV = "PEFT_NOTEBOOK_QUICK"
 BASE_ENV = "PEFT_PRETRAINED_DIR"          # another base directory (development only)
@@ -61,39 +75,40 @@ def load_base():
 
 def results_path() -> str:
     """The comparison runner's ``results/results.json`` (``compare.py`` writes it)."""
-    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results",
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
                            "results.json")
     return os.path.abspath(os.environ.get(RESULTS_ENV) or default)
 
 
 # ---- one fine-tuning run ----------------------------------------------------------
-def finetune(config, task, steps, lr, seed=0, n_train=2000, n_test=500, batch_size=32,
-             quantize=False, base=None, test_examples=None):
-    """Fine-tune the pretrained base with ``config`` on ``task``; returns a dict.
+def settings(method, task, seed=0, **overrides):
+    """``compare.run_spec`` for this mode: the comparison's settings for ``method`` on
+    ``task`` (in quick mode the runner's own ``--quick`` sizes)."""
+    import compare
+    return compare.run_spec(method, task, seed, quick=quick_mode(), **overrides)
 
-    ``config`` is any PEFT config (``FullFineTuningConfig()`` for full fine-tuning).
-    ``quantize=True`` stores every linear of the base in NF4 first (QLoRA).
-    The dict holds ``model`` (the trained ``PeftModel``), ``accuracy`` (exact match
-    on ``n_test`` held-out examples, or on ``test_examples``), ``trainable`` and
-    ``total`` parameters, ``losses``, ``seconds`` and ``ms_per_step``.
+
+def finetune(method, task, config=None, seed=0, test_examples=None):
+    """Fine-tune the pretrained base as the comparison does; returns a dict.
+
+    ``method`` names a row of ``compare.METHODS`` and fixes every setting (learning
+    rate, steps, batch, training set; QLoRA's NF4 base). ``config`` replaces the
+    method's PEFT config with a variant of it (another rank, placement, prompt
+    length), trained with the same settings. The dict holds ``model`` (the trained
+    ``PeftModel``), ``spec`` (the ``RunSpec``), ``accuracy`` (exact match on the
+    task's test set or on ``test_examples``), ``trainable`` and ``total``
+    parameters, ``losses``, ``seconds`` and ``ms_per_step`` (median).
     """
-    from peft_config import ALL_LINEARS
-    from peft_model import get_peft_model
-    from tasks import fixed_test_set, make_examples
-    from train import evaluate, train
-    model = load_base() if base is None else base
-    if quantize:
-        from quantization import quantize_model
-        quantize_model(model, "nf4", ALL_LINEARS)
-    peft_model = get_peft_model(model, config, seed=seed)
-    history = train(peft_model, make_examples(task, n_train, seed=0), steps, lr=lr,
-                    batch_size=batch_size, seed=seed, progress=False,
-                    warmup_steps=max(1, steps // 20))
-    tests = test_examples if test_examples is not None else fixed_test_set(task, n_test)
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    return {"model": peft_model, "accuracy": evaluate(peft_model, tests),
-            "trainable": trainable, "total": total, "losses": history["losses"],
-            "seconds": history["seconds"], "ms_per_step": 1000 * history["seconds"] / max(steps, 1)}
+    import compare
+    from tasks import fixed_test_set
+    from train import evaluate
+    spec = settings(method, task, seed)
+    model, _, losses, times = compare.finetune(spec, config)
+    tests = test_examples if test_examples is not None else fixed_test_set(task, spec.n_test)
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"model": model, "spec": spec, "accuracy": evaluate(model, tests),
+            "trainable": trainable, "total": total, "losses": losses, "seconds": float(sum(times)),
+            "ms_per_step": 1000 * float(np.median(times)) if times else float("nan")}
 
 
 # ---- timing -------------------------------------------------------------------
@@ -173,19 +188,21 @@ class ShiftedPositions:
 
 
 # ---- plots --------------------------------------------------------------------
-def plot_attention(ax, att, labels, num_prefix=0, title=""):
+def plot_attention(ax, att, labels, num_prefix=0, title="", vmax=None):
     """Heatmap of one head's attention ``att (T, P+T)``; the prefix columns are marked.
 
     ``labels``: the ``T`` query token names; the key axis shows ``p0..`` for the
-    prefix slots followed by the same token names.
+    prefix slots followed by the same token names. ``vmax`` fixes the top of the
+    colour scale (give several panels the same one, and one colorbar); returns the image.
     """
     T = len(labels)
-    im = ax.imshow(att, cmap="viridis", vmin=0, vmax=max(float(att.max()), 1e-9), aspect="auto")
+    top = max(float(att.max()), 1e-9) if vmax is None else vmax
+    im = ax.imshow(att, cmap="viridis", vmin=0, vmax=top, aspect="auto")
     keys = [f"p{i}" for i in range(num_prefix)] + list(labels)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=90, fontsize=7)
+    ax.set_xticklabels(keys, rotation=90, fontsize=8)
     ax.set_yticks(range(T))
-    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_yticklabels(labels, fontsize=8)
     if num_prefix:
         ax.axvline(num_prefix - 0.5, color="white", lw=1.5)
     ax.set(xlabel="key (prefix slots | real tokens)", ylabel="query", title=title)
@@ -230,11 +247,12 @@ def label_points(ax, xs, ys, names, fontsize=8):
         ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha)
 
 
-def bar_labels(ax, bars, fmt="{:.2f}"):
-    """Write each bar's height above it."""
+def bar_labels(ax, bars, fmt="{:.2f}", fontsize=8, rotation=0):
+    """Write each bar's height above it (so a bar of height 0 is still read as 0)."""
     for bar in bars:
         ax.annotate(fmt.format(bar.get_height()), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=fontsize, rotation=rotation)
 
 
 # ---- executing the notebooks ------------------------------------------------------
@@ -263,7 +281,7 @@ def run_notebook(path, quick=False, timeout=900, write=False):
 
 
 def main(argv=None):
-    """``python code/stage-09/viz.py notebooks/*.ipynb [--quick] [--write]``: execute notebooks
+    """``python notebooks/viz.py notebooks/*.ipynb [--quick] [--write]``: execute notebooks
     and print their run times; ``--write`` saves the outputs into the files (do that in full mode)."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
