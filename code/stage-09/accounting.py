@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from validate import check_int
+
 BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
          "int8": 1, "int4": 0.5, "nf4": 0.5}
 # Optimizer state bytes per trainable parameter (moments kept in fp32).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd_momentum": 4, "sgd": 0}
+
+
+def _count(name, value, low, high=None, where=""):
+    """A parameter count: an int, or a whole float such as ``7e9`` (the way sizes are written)."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    return check_int(name, value, low, high, where)
 
 
 def count_trainable_parameters(arrays) -> int:
@@ -29,8 +38,8 @@ def count_frozen_parameters(arrays) -> int:
 
 
 def compute_parameter_efficiency(trainable, total) -> dict:
-    if total <= 0 or trainable < 0:
-        raise ValueError(f"need total > 0 and trainable >= 0, got trainable={trainable}, total={total}")
+    _count("total", total, 1)
+    _count("trainable", trainable, 0, total, where=f" (total={total})")
     return {"trainable_params": trainable, "total_params": total,
             "trainable_ratio": trainable / total,
             "efficiency_gain": total / trainable if trainable else float("inf")}
@@ -47,6 +56,12 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
     and V; adapters are two per layer without biases; prefix tuning stores keys
     and values per layer.
     """
+    for name, value in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("lora_rank", lora_rank), ("adapter_bottleneck", adapter_bottleneck),
+                        ("prefix_length", prefix_length), ("prompt_length", prompt_length)):
+        check_int(name, value, 1)
+    if d_model % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}")
     d_head = d_model // num_heads
     full = num_layers * 4 * d_model * d_model
     rows = {
@@ -95,6 +110,12 @@ def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer=
 
     Returns a dict of byte counts and the total in GB (1e9 bytes).
     """
+    _count("num_params", num_params, 1)
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a string ('full', 'lora', ...), got {method!r}")
+    if trainable_params is not None:
+        _count("trainable_params", trainable_params, 0, num_params,
+                  where=f" (num_params={num_params})")
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(BYTES)}")
     if optimizer not in OPTIMIZER_STATE_BYTES:

@@ -100,8 +100,15 @@ class BottleneckWrapper(Module):
 
 
 def bottleneck_dim(config: BottleneckConfig, d_model: int) -> int:
-    """``bottleneck_size``, or ``d_model // reduction_factor`` (which must be >= 1)."""
+    """``bottleneck_size`` (at most ``d_model``), or ``d_model // reduction_factor`` (which
+    must be >= 1); neither given: ``min(16, d_model)``."""
+    if config.bottleneck_size is None and config.reduction_factor is None:
+        return min(16, d_model)
     if config.bottleneck_size is not None:
+        if config.bottleneck_size > d_model:
+            raise ValueError(f"BottleneckConfig.bottleneck_size={config.bottleneck_size} is wider "
+                             f"than the model (d_model={d_model}): a bottleneck must be at most "
+                             f"d_model units")
         return config.bottleneck_size
     size = d_model // config.reduction_factor
     if size < 1:

@@ -24,9 +24,12 @@ reader; PEFT adapters (``peft_io``) use the same four.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import safetensors.numpy
@@ -39,22 +42,18 @@ CONFIG_NAME = "config.json"
 
 
 # ---- atomic files --------------------------------------------------------------
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+def default_mode(directory=False) -> int:
+    """``0o666`` (a directory: ``0o777``) less the process's umask: the mode ``open(path,
+    "w")`` or ``os.mkdir`` would give. ``mkstemp``/``mkdtemp`` create ``0o600``/``0o700``,
+    which would hide a shared checkpoint from its group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def _fsync_directory(directory) -> None:
+    """Make a rename inside ``directory`` durable (where the OS allows opening a directory)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:                                    # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
@@ -64,6 +63,104 @@ def atomic_write_bytes(path, data: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write the file {path}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), default_mode())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)                 # make the rename itself durable
+
+
+# ---- atomic directories ----------------------------------------------------------
+def _exchange(a, b) -> bool:
+    """Swap two directory entries in one step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    ``False`` where the C library or the file system does not offer it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def _carry_over(old, new) -> None:
+    """Hard-link (or copy) into ``new`` every entry of ``old`` that ``new`` does not have,
+    so swapping the directories keeps the user's other files (a README, an adapter)."""
+    for entry in os.listdir(old):
+        src, dst = os.path.join(old, entry), os.path.join(new, entry)
+        if os.path.lexists(dst) or entry.startswith(".") and entry.endswith(".tmp"):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+    return dst
+
+
+@contextmanager
+def atomic_directory(directory):
+    """Write a directory of several files all at once: ``with atomic_directory(d) as tmp:``
+    write every file into ``tmp``; when the block ends without an error, ``tmp`` takes
+    ``d``'s place in one rename (an exchange where ``d`` exists: files of ``d`` the block
+    did not write are carried over). An error -- or a crash -- inside the block leaves
+    ``d`` exactly as it was: the previous save stays whole and loadable, never new
+    weights beside an old config. Where the OS has no atomic exchange, the old
+    directory is moved aside for the moment between two renames and restored on failure.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"cannot save into {directory}: it is a file, not a directory")
+    directory = os.path.realpath(directory)     # a symlinked directory: replace its target
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(directory) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        yield tmp                               # (the files written there are fsync'ed)
+        if not os.path.exists(directory):
+            os.rename(tmp, directory)
+        else:
+            _carry_over(directory, tmp)
+            if not _exchange(tmp, directory):
+                _swap_by_two_renames(tmp, directory)
+        _fsync_directory(parent)
+    finally:
+        if os.path.isdir(tmp):                  # the block failed, or the old directory
+            shutil.rmtree(tmp, ignore_errors=True)   # (after the exchange) is now here
+
+
+def _swap_by_two_renames(new, directory):
+    aside = new + ".old"
+    os.rename(directory, aside)
+    try:
+        os.rename(new, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+    os.rename(aside, new)                       # removed with the temporary directory
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -187,12 +284,19 @@ def copy_into(model, tensors: dict, source="tensors") -> None:
 
 
 def save_model(model, directory) -> None:
-    """Write ``config.json`` and ``model.safetensors`` for a ``GPT`` into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
+    """Write ``config.json`` and ``model.safetensors`` for a ``GPT`` into ``directory``.
+
+    Atomic as a whole (``atomic_directory``): a save that fails half-way leaves the
+    previous save in ``directory`` intact and loadable; other files there are kept.
+    """
+    if not isinstance(model, GPT):
+        raise ValueError(f"save_model saves a minigpt.GPT, got {type(model).__name__} "
+                         f"(a PeftModel saves its adapter with save_pretrained)")
     config = model.config.to_dict()
-    save_tensors(os.path.join(directory, WEIGHTS_NAME), model_tensors(model),
-                 metadata={"format": "np", "config": json.dumps(config, sort_keys=True)})
-    save_json(os.path.join(directory, CONFIG_NAME), config)
+    with atomic_directory(directory) as tmp:
+        save_tensors(os.path.join(tmp, WEIGHTS_NAME), model_tensors(model),
+                     metadata={"format": "np", "config": json.dumps(config, sort_keys=True)})
+        save_json(os.path.join(tmp, CONFIG_NAME), config)
 
 
 def load_config(directory) -> GPTConfig:

@@ -30,8 +30,15 @@ share of the counted target tokens, so a slice with more ``-100`` targets weighs
 
 What the workers copy once, at start: the module structure, the trainable flags,
 the active adapters, everything that is not a parameter. Change any of those
-(freeze a layer, switch or merge an adapter) and build a new ``DataParallel``;
-in-place changes to parameter values are shared. Dropout draws its masks from each
+(freeze a layer, switch or merge an adapter) and build a new ``DataParallel``:
+``forward_backward`` compares the model with what the workers copied and refuses
+to run on a changed one, instead of returning the old model's gradients.
+In-place changes to parameter values are shared.
+
+All or nothing: when a slice fails (bad targets in a worker's slice, a worker that
+died), the gradients are put back as they were before the call. A worker that does
+not answer within ``timeout`` seconds is killed and the ``DataParallel`` closed with
+a clear error, instead of the step hanging for ever. Dropout draws its masks from each
 process's own generator, so with dropout > 0 the random masks differ from a
 single-process run. During ``forward_backward`` the main process's BLAS runs on one
 thread (the other cores are busy with the workers); ``close()`` gives the model
@@ -50,7 +57,8 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from nn import cross_entropy, parameter_owner
+from nn import IGNORE_INDEX, cross_entropy, parameter_owner
+from validate import check_int, check_number
 
 _ALIGN = 64                      # bytes: each array starts on its own cache line
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -154,8 +162,40 @@ def _release(bound):
         setattr(module, attr, np.array(getattr(module, attr)))
 
 
+# ---- what the workers copied ----------------------------------------------------
+_STATE_ATTRS = ("merged", "disabled", "_disabled", "active_adapters")
+
+
+def structure(model) -> list[tuple]:
+    """What a worker copied at start and cannot see change: per module its path, its
+    identity (a replaced module or a swapped adapter is a new object), its frozen
+    names and its adapter flags (merged, disabled, active adapters)."""
+    out = []
+    for path, module in model.named_modules():
+        flags = tuple((a, repr(getattr(module, a))) for a in _STATE_ATTRS if hasattr(module, a))
+        out.append((path or "(the model)", id(module), type(module).__name__,
+                    tuple(sorted(getattr(module, "frozen", ()))), flags))
+    return out
+
+
+def describe_change(before, after) -> str:
+    """The first difference between two ``structure`` lists, in words."""
+    for old, new in zip(before, after):
+        if old == new:
+            continue
+        path = old[0]
+        if old[0] != new[0]:
+            return f"the module tree changed at {path} (now {new[0]})"
+        if old[1] != new[1]:
+            return f"module {path} was replaced ({old[2]} -> {new[2]}; another adapter set?)"
+        if old[3] != new[3]:
+            return f"the frozen parameters of {path} changed ({list(old[3])} -> {list(new[3])})"
+        return f"the adapter state of {path} changed ({dict(old[4])} -> {dict(new[4])})"
+    return f"the model now has {len(after)} modules instead of {len(before)}"
+
+
 # ---- one slice of a batch ------------------------------------------------------
-def _count(targets, ignore_index=-100) -> int:
+def _count(targets, ignore_index=IGNORE_INDEX) -> int:
     return int(np.count_nonzero(np.asarray(targets) != ignore_index))
 
 
@@ -172,7 +212,7 @@ def slice_forward_backward(model, inputs, targets, total, attention_mask=None) -
     count = _count(targets)
     dlogits *= dlogits.dtype.type(count / total)
     model.backward(dlogits)
-    return loss * count
+    return loss * count if count else 0.0                   # (an all-ignored slice: NaN * 0)
 
 
 def _worker(conn, model, param_name, param_layout, grad_name, grad_layout):
@@ -216,11 +256,12 @@ class DataParallel:
     With workers it also calls ``keep_freed_memory()`` here and in each of them.
     """
 
-    def __init__(self, model, processes: int | None = None):
-        processes = usable_cores() if processes is None else int(processes)
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
+    def __init__(self, model, processes: int | None = None, timeout: float = 600.0):
+        processes = usable_cores() if processes is None else check_int("processes", processes, 1)
+        self.timeout = check_number("timeout", timeout, 0.0, inclusive=False)
         self.model, self.processes = model, processes
+        self._structure = structure(model)
+        self._closed = None                         # why it was closed, once it is
         self._workers, self._conns, self._blocks = [], [], []
         self._shared, self._grad_slots = [], []     # [(module, attr, name, view)], per worker
         self._blas = None
@@ -275,15 +316,30 @@ class DataParallel:
             f"`if __name__ == '__main__':`")
 
     def _talk(self, i, message=None):
-        """Send ``message`` to worker ``i`` (``None``: receive its reply instead)."""
+        """Send ``message`` to worker ``i`` (``None``: wait at most ``timeout`` seconds
+        for its reply instead). A worker that died or stopped answering closes this
+        ``DataParallel`` (the others would be out of step) and raises ``RuntimeError``."""
+        conn, worker = self._conns[i], self._workers[i]
         try:
-            return self._conns[i].recv() if message is None else self._conns[i].send(message)
+            if message is not None:
+                return conn.send(message)
+            deadline = time.monotonic() + self.timeout
+            while not conn.poll(min(1.0, self.timeout)):
+                if not worker.is_alive():
+                    raise EOFError
+                if time.monotonic() > deadline:
+                    worker.kill()                           # (SIGTERM would wait for a stopped one)
+                    self._fail(f"data-parallel worker {worker.pid} did not answer within "
+                               f"timeout={self.timeout:g} s (stopped, swapping or stuck)")
+            return conn.recv()
         except (EOFError, OSError):
-            worker = self._workers[i]
             worker.join(timeout=1)
-            raise RuntimeError(f"data-parallel worker {worker.pid} died (exit code "
-                               f"{worker.exitcode}); close() this DataParallel and build "
-                               f"a new one") from None
+            self._fail(f"data-parallel worker {worker.pid} died (exit code {worker.exitcode})")
+
+    def _fail(self, reason):
+        self.close()
+        self._closed = reason
+        raise RuntimeError(f"{reason}; this DataParallel is now closed: build a new one") from None
 
     @property
     def worker_pids(self) -> list[int]:
@@ -294,12 +350,13 @@ class DataParallel:
         """Forward and backward of the mean cross-entropy on the whole batch; returns it.
 
         Gradients are *added* to the model's (zero them first, as for ``backward``).
+        All or nothing: if any slice fails (here or in a worker), the gradients are
+        put back as they were before the call and the error is raised here. A batch
+        whose targets are all ignored returns NaN, as ``cross_entropy`` does.
         """
-        inputs, targets = np.asarray(inputs), np.asarray(targets)
-        if inputs.ndim < 1 or targets.shape[:1] != inputs.shape[:1]:
-            raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must share "
-                             f"the batch axis (axis 0)")
-        total = max(_count(targets), 1)
+        inputs, targets = self._check_batch(inputs, targets, attention_mask)
+        counted = _count(targets)
+        total = max(counted, 1)
         pieces = min(len(self._workers) + 1, len(inputs))   # this process + its workers
         bounds = np.linspace(0, len(inputs), pieces + 1).round().astype(int)
         slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -310,6 +367,15 @@ class DataParallel:
 
         self._check_shared()
         training = bool(getattr(self.model, "training", True))
+        saved = self._save_grads()
+        try:
+            loss_sum = self._run(slices, part, training)
+        except BaseException:
+            self._restore_grads(saved)
+            raise
+        return float(loss_sum / total) if counted else float("nan")
+
+    def _run(self, slices, part, training):
         sent = 0
         try:
             for i, s in enumerate(slices[1:]):              # the workers take slices 1..
@@ -332,10 +398,47 @@ class DataParallel:
                 except Exception:
                     again = RuntimeError(message)
                 raise again from None
+        for i, (_, payload) in enumerate(replies):          # every slice succeeded: add them up
             loss_sum += payload
             for module, attr, view in self._grad_slots[i]:
                 module._accumulate(attr, view)              # X_grad += the worker's
-        return float(loss_sum / total)
+        return loss_sum
+
+    def _check_batch(self, inputs, targets, attention_mask):
+        """Refuse, before anything runs, a closed ``DataParallel``, a model that changed
+        under it, and a batch that is not ``(B >= 1, T >= 1)`` with targets of its shape."""
+        if self._closed:
+            raise RuntimeError(f"this DataParallel was closed ({self._closed}); build a new one")
+        now = structure(self.model)
+        if now != self._structure:
+            raise RuntimeError(f"the model changed since this DataParallel started its workers: "
+                               f"{describe_change(self._structure, now)}. The workers still hold "
+                               f"the old one; close() it and build a new DataParallel")
+        inputs, targets = np.asarray(inputs), np.asarray(targets)
+        if inputs.ndim != 2 or inputs.shape[0] < 1 or inputs.shape[1] < 1:
+            raise ValueError(f"inputs must be a (batch, seq) array of token ids with batch >= 1 "
+                             f"and seq >= 1, got shape {inputs.shape}")
+        if targets.shape != inputs.shape:
+            raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must have the "
+                             f"same shape (they share the batch axis, axis 0, and the sequence axis)")
+        if attention_mask is not None and np.shape(attention_mask) != inputs.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} must equal "
+                             f"the inputs' shape {inputs.shape}")
+        return inputs, targets
+
+    def _save_grads(self):
+        """``[(module, attr, copy or None)]`` of every trainable gradient (to undo a failed step)."""
+        saved = []
+        for name, _ in self.model.named_parameters(trainable_only=True):
+            module, attr = parameter_owner(self.model, name)
+            grad = getattr(module, attr + "_grad", None)
+            saved.append((module, attr, None if grad is None else grad.copy()))
+        return saved
+
+    @staticmethod
+    def _restore_grads(saved):
+        for module, attr, grad in saved:
+            setattr(module, attr + "_grad", grad)
 
     def _check_shared(self):
         """Every parameter must still be its shared view. An optimizer that assigns a
@@ -366,6 +469,9 @@ class DataParallel:
             worker.join(timeout=10)
             if worker.is_alive():
                 worker.terminate()
+                worker.join(timeout=2)
+            if worker.is_alive():                           # stopped (SIGSTOP) or deaf to SIGTERM
+                worker.kill()
                 worker.join()
         for conn in self._conns:
             conn.close()
@@ -379,6 +485,7 @@ class DataParallel:
                 pass
             block.unlink()
         self._blocks = []
+        self._closed = getattr(self, "_closed", None) or "close() was called"
 
     def __enter__(self):
         return self

@@ -134,20 +134,25 @@ class DoRALayer(LoRALayer):
         return d_base @ self.W + dx
 
     # ---- merging ---------------------------------------------------------
+    def merge_scale(self, W):
+        """Pure: the row scale ``g = m / ||W + s B A||`` (out,) a merge of ``W`` applies."""
+        _, norm = self.direction(W)
+        return (self.magnitude / norm).astype(W.dtype)
+
     def merge_weights(self, W):
-        """``W' = (m / ||W + s B A||)[:, None] * (W + s B A)``; ``W`` is not changed.
+        """Pure: ``W' = (m / ||W + s B A||)[:, None] * (W + s B A)``; ``W`` is not changed.
 
         Unlike LoRA's, this merge cannot be undone from ``W'`` alone (every row of
-        ``W'`` has length ``m``, whatever ``||V||`` was), so the scale ``g`` is
-        remembered for ``unmerge_weights``."""
+        ``W'`` has length ``m``, whatever ``||V||`` was): keep ``merge_scale(W)`` and
+        pass it to ``unmerge_weights``. Nothing is stored here, so merging twice (or
+        merging another weight in between) cannot corrupt a later unmerge."""
         V, norm = self.direction(W)
-        self._merge_scale = (self.magnitude / norm).astype(W.dtype)   # (out,)
-        return self._merge_scale[:, None] * V
+        return (self.magnitude / norm).astype(W.dtype)[:, None] * V
 
-    def unmerge_weights(self, W_merged):
-        """``W = W' / g - s B A`` with the ``g`` stored by ``merge_weights``."""
-        scale = getattr(self, "_merge_scale", None)
+    def unmerge_weights(self, W_merged, scale=None):
+        """Pure: ``W = W' / g - s B A``, with ``g = merge_scale(W)`` kept from the merge."""
         if scale is None:
-            raise ValueError("unmerge_weights needs the scale of a previous merge_weights call")
-        self._merge_scale = None
+            raise ValueError("DoRA's unmerge_weights needs the scale of the merge: pass "
+                             "scale=merge_scale(W) computed on the weight before the previous "
+                             "merge_weights call")
         return W_merged / scale[:, None] - self.delta_weight().astype(W_merged.dtype)

@@ -9,12 +9,19 @@ The recipe (the same in every test of this stage):
 3. Give zero-initialised parameters (LoRA ``B``, adapter up-projections, gates)
    random values first: at zero, many wrong backward formulas give the right
    (zero) answer.
-4. Compare with the relative error ``max|a-b| / max(|a|+|b|)``. Expect about
+4. Keep dropout *on* when the model trains with it, but replay its masks
+   (``replayed_dropout``): a check with dropout off never runs its backward.
+5. Compare with the relative error ``max|a-b| / max(|a|+|b|)``. Expect about
    1e-9 or smaller for one layer and below 1e-6 for a whole model; 1e-3 means a bug.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+
+from nn import Dropout
+from validate import check_number
 
 
 def well_scaled(model, seed=0):
@@ -36,7 +43,19 @@ def rel_error(a, b) -> float:
 
 
 def numerical_gradient(f, x, h=1e-5):
-    """Central differences of the scalar function ``f()`` w.r.t. array ``x`` (in place)."""
+    """Central differences of the scalar function ``f()`` w.r.t. array ``x`` (in place).
+
+    ``x`` must be a writable float64 array (the function perturbs it in place; in
+    float32 a step of 1e-5 drowns in rounding), ``h`` a small positive number.
+    """
+    if not callable(f):
+        raise ValueError(f"f must be a function of no arguments returning the loss, got {f!r:.60}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float64:
+        raise ValueError(f"x must be a float64 NumPy array (perturbed in place), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not x.flags.writeable:
+        raise ValueError("x must be writable: it is perturbed in place (pass the live parameter)")
+    check_number("h", h, 0.0, 1e-2, inclusive=False)
     grad = np.zeros_like(x, dtype=np.float64)
     it = np.nditer(x, flags=["multi_index"])
     for _ in it:
@@ -129,3 +148,36 @@ def check_model_loss(loss_and_backward, loss_only, arrays: dict, tol=1e-6, max_e
             num[j] = (plus - minus) / 2e-5
         errors[name] = compare(name, np.asarray(a).reshape(-1)[flat_idx], num, tol)
     return errors
+
+
+class _ReplayedDraws:
+    """Stands in for a ``Dropout``'s generator: the first ``random(shape)`` draws from
+    the real one, every later call returns that same array again."""
+
+    def __init__(self, rng):
+        self.rng, self.draw = rng, None
+
+    def random(self, shape):
+        if self.draw is None:
+            self.draw = self.rng.random(shape)
+        elif self.draw.shape != tuple(shape):
+            raise ValueError(f"replayed dropout mask has shape {self.draw.shape}, the "
+                             f"forward now asks for {tuple(shape)}")
+        return self.draw
+
+
+@contextmanager
+def replayed_dropout(model):
+    """Inside the block every ``Dropout`` of ``model`` (in training mode) draws its mask
+    once and then reuses it, so the loss is a fixed, differentiable function of the
+    weights and central differences can check dropout's backward. Yields the list of
+    ``(name, Dropout)`` with ``p > 0``; restores the generators afterwards."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Dropout)]
+    saved = [m.rng for _, m in layers]
+    for _, m in layers:
+        m.rng = _ReplayedDraws(m.rng)
+    try:
+        yield [(n, m) for n, m in layers if m.p > 0]
+    finally:
+        for (_, m), rng in zip(layers, saved):
+            m.rng = rng

@@ -161,9 +161,14 @@ class LoRALayer(Module):
         """Pure: ``W + scaling * B @ A`` (``W`` is not changed)."""
         return W + self.delta_weight().astype(W.dtype)
 
-    def unmerge_weights(self, W_merged):
-        """Pure: ``W_merged - scaling * B @ A``."""
+    def unmerge_weights(self, W_merged, scale=None):
+        """Pure: ``W_merged - scaling * B @ A`` (``scale``: DoRA's, unused by LoRA)."""
         return W_merged - self.delta_weight().astype(W_merged.dtype)
+
+    def merge_scale(self, W):
+        """What an unmerge needs besides the merged weight: nothing for LoRA (DoRA: its
+        row scale)."""
+        return None
 
     def compression_ratio(self):
         return self.num_parameters() / (self.in_features * self.out_features)
@@ -252,12 +257,13 @@ class LoRALinear(LinearWrapper):
         if isinstance(weight, Module):
             self.base_layer = weight
         else:
-            weight = np.asarray(weight)
+            weight = np.array(weight, copy=True)            # merging must not change the caller's W
             if weight.ndim != 2:
                 raise ValueError(f"weight must be (out_features, in_features), got shape {weight.shape}")
             self.base_layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                                      dtype=weight.dtype)
-            self.base_layer.weight, self.base_layer.bias = weight, bias
+            self.base_layer.weight = weight
+            self.base_layer.bias = None if bias is None else np.array(bias, copy=True)
         self.base_layer.freeze()
         self.in_features = self.base_layer.in_features
         self.out_features = self.base_layer.out_features
@@ -298,12 +304,15 @@ class LoRALinear(LinearWrapper):
     def merge_in_place(self):
         """Fold the update into the base weight (zero-latency inference)."""
         self.check_merge(True)
-        self.set_base_weights(self.lora.merge_weights(self.weight), None)
+        W = self.weight
+        self._merge_scale = self.lora.merge_scale(W)        # kept by the layer that merged
+        self.set_base_weights(self.lora.merge_weights(W), None)
         self.merged = True
 
     def unmerge_in_place(self):
         self.check_merge(False)
-        self.set_base_weights(self.lora.unmerge_weights(self.weight), None)
+        self.set_base_weights(self.lora.unmerge_weights(self.weight, getattr(self, "_merge_scale", None)), None)
+        self._merge_scale = None
         self.merged = False
 
 

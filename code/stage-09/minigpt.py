@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from validate import positive_int
+from validate import as_array, check_int, positive_int
 
 
 @dataclass
@@ -37,8 +37,15 @@ class GPTConfig:
             positive_int(getattr(self, field), field, f"GPTConfig.{field}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        try:
+            dtype = None if self.dtype is None else np.dtype(self.dtype)   # (np.dtype(None): float64)
+        except TypeError:
+            dtype = None
+        if dtype not in (np.float32, np.float64):           # float16 overflows -1e30 masks
+            raise ValueError(f"GPTConfig.dtype must be float32 or float64, got {self.dtype!r}")
 
     @property
     def d_head(self) -> int:
@@ -251,28 +258,50 @@ class GPT(Module):
 
     # ---- input checks ----------------------------------------------------
     def check_tokens(self, tokens, extra_positions: int = 0):
-        tokens = np.asarray(tokens)
+        tokens = as_array("tokens", tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got rank {tokens.ndim} "
                              f"shape {tokens.shape}; for one sequence use tokens[None]")
+        if 0 in tokens.shape:
+            raise ValueError(f"tokens must hold at least one sequence of at least one token, "
+                             f"got shape {tokens.shape} (batch, seq)")
         if not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         T, limit = tokens.shape[1] + extra_positions, self.config.context_length
         if T > limit:
-            raise ValueError(f"sequence length {T} exceeds context_length {limit}")
+            raise ValueError(f"tokens: sequence length {T} exceeds context_length {limit}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens.min() if tokens.min() < 0 else tokens.max()
-            raise ValueError(f"token id {bad} out of range: valid ids are 0..{self.config.vocab_size - 1}")
+            raise ValueError(f"tokens: token id {bad} out of range: valid ids are "
+                             f"0..{self.config.vocab_size - 1}")
         return tokens
+
+    def check_positions(self, position_ids, shape):
+        """``position_ids`` must be integers of shape ``(T,)`` or ``(B, T)``, each < context_length."""
+        position_ids = np.asarray(position_ids)
+        if position_ids.shape not in ((shape[1],), tuple(shape)) \
+                or (position_ids.size and not np.issubdtype(position_ids.dtype, np.integer)):
+            raise ValueError(f"position_ids must be integers of shape ({shape[1]},) or {tuple(shape)} "
+                             f"(the tokens' (seq,) or (batch, seq)), got {position_ids.dtype} "
+                             f"of shape {position_ids.shape}")
+        limit = self.config.context_length
+        if position_ids.size and (position_ids.min() < 0 or position_ids.max() >= limit):
+            bad = position_ids.min() if position_ids.min() < 0 else position_ids.max()
+            raise ValueError(f"position_ids: position id {bad} out of range: valid positions "
+                             f"are 0..{limit - 1}")
+        return position_ids
 
     @staticmethod
     def check_mask(attention_mask, shape):
         if attention_mask is None:
             return None
-        attention_mask = np.asarray(attention_mask)
+        attention_mask = as_array("attention_mask", attention_mask)
         if attention_mask.shape != tuple(shape):
             raise ValueError(f"attention_mask shape {attention_mask.shape} must equal "
                              f"the tokens' shape {tuple(shape)}")
+        if not np.isin(attention_mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token) only, got "
+                             f"values {np.unique(attention_mask)[:6].tolist()}")
         return attention_mask
 
     # ---- forward ---------------------------------------------------------
@@ -280,7 +309,7 @@ class GPT(Module):
         """Token + position embeddings ``(B, T, D)``; positions default to ``0..T-1``."""
         tokens = self.check_tokens(tokens)
         T = tokens.shape[1]
-        position_ids = np.arange(T) if position_ids is None else np.asarray(position_ids)
+        position_ids = np.arange(T) if position_ids is None else self.check_positions(position_ids, tokens.shape)
         x = self.embed_tokens(tokens) + self.embed_positions(position_ids)   # (B, T, D)
         return self.drop(x)
 
@@ -311,6 +340,7 @@ class GPT(Module):
     def backward_embeds(self, dlogits):
         """Backward through head, ``ln_f`` and blocks; returns dL/dx ``(B, T, D)``."""
         V, D = self.config.vocab_size, self.config.d_model
+        self.check_backward(dlogits, "h", lambda h: (*h.shape[:-1], V))
         if self.embed_tokens.wants_grad("weight"):          # the tied head's share
             self.embed_tokens._accumulate(
                 "weight", dlogits.reshape(-1, V).T @ self.h.reshape(-1, D))
@@ -342,7 +372,10 @@ class GPT(Module):
         reached ``eos_id`` keep emitting it.
         """
         forward = forward or self.forward
-        seq = np.asarray(tokens)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        if eos_id is not None:
+            check_int("eos_id", eos_id, 0, self.config.vocab_size - 1)
+        seq = as_array("tokens", tokens)
         self.check_tokens(seq[:, -self.config.context_length:] if seq.ndim == 2 else seq)
         done = np.zeros(seq.shape[0], dtype=bool)
         out = []

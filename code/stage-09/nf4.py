@@ -231,7 +231,12 @@ def quantize_nf4(weight, blocksize: int = 64, double_quant: bool = True) -> NF4T
     """
     weight = np.asarray(weight)
     if weight.size == 0:
-        raise ValueError("cannot quantize an empty weight")
+        raise ValueError(f"cannot quantize an empty weight (shape {weight.shape})")
+    if weight.dtype == bool or not np.issubdtype(weight.dtype, np.number) \
+            or np.issubdtype(weight.dtype, np.complexfloating):
+        raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise ValueError(f"double_quant must be True or False, got {double_quant!r}")
     require_finite("weight", weight)
     check_blocksize(blocksize, weight.size)
     blocks = weight.astype(np.float32).reshape(-1, blocksize)           # (nb, bs)

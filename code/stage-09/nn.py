@@ -21,6 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
+from validate import as_array, check_int, check_number
+
 
 class Module:
     """Base class: parameter bookkeeping, freezing, train/eval and traversal."""
@@ -151,6 +153,18 @@ class Module:
         else:
             current += grad
 
+    def check_backward(self, dout, cache: str, shape_of=None) -> None:
+        """Refuse a ``backward`` with no ``forward`` before it (the attribute ``cache`` is
+        missing) or whose ``dout`` does not have the shape of the forward's output."""
+        saved = getattr(self, cache, None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward "
+                               f"(nothing cached to differentiate)")
+        expected = tuple(shape_of(saved)) if shape_of else saved.shape
+        if np.shape(dout) != expected:
+            raise ValueError(f"{type(self).__name__}.backward: dout has shape {np.shape(dout)}, "
+                             f"but the forward's output had shape {expected}")
+
     def wants_grad(self, name: str) -> bool:
         return name not in self.frozen and getattr(self, name, None) is not None
 
@@ -258,6 +272,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
         super().__init__()
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         bound = 1.0 / math.sqrt(in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -274,6 +290,7 @@ class Linear(Module):
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def backward(self, dout):
+        self.check_backward(dout, "x", lambda x: (*x.shape[:-1], self.out_features))
         d2 = dout.reshape(-1, self.out_features)            # (N, out)
         if self.wants_grad("weight"):                       # skipped when frozen
             self._accumulate("weight", d2.T @ self.x.reshape(-1, self.in_features))  # (out, in)
@@ -309,6 +326,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32, std=0.02):
         super().__init__()
+        check_int("num_embeddings", num_embeddings, 1)
+        check_int("dim", dim, 1)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = (rng.standard_normal((num_embeddings, dim)) * std).astype(dtype)
@@ -323,6 +342,7 @@ class Embedding(Module):
         return self.weight[ids]                             # (*ids.shape, dim)
 
     def backward(self, dout):
+        self.check_backward(dout, "ids", lambda ids: (*ids.shape, self.dim))
         if self.wants_grad("weight"):                       # np.add.at, only faster
             self._accumulate("weight", scatter_add_rows(self.ids, dout.reshape(-1, self.dim),
                                                         self.num_embeddings))
@@ -343,6 +363,8 @@ class LayerNorm(Module):
 
     def __init__(self, dim, eps=1e-5, dtype=np.float32):
         super().__init__()
+        check_int("dim", dim, 1)
+        check_number("eps", eps, 0.0, inclusive=False)
         self.dim, self.eps = dim, eps
         self.weight = np.ones(dim, dtype=dtype)
         self.bias = np.zeros(dim, dtype=dtype)
@@ -360,6 +382,7 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dout):
+        self.check_backward(dout, "xhat")
         D, xhat = self.dim, self.xhat
         if self.wants_grad("weight"):                       # sum over rows of dout * xhat
             self._accumulate("weight", np.einsum("ni,ni->i", dout.reshape(-1, D),
@@ -406,6 +429,7 @@ class GELU(Module):
         return x * s                                        # (..., F)
 
     def backward(self, dout):
+        self.check_backward(dout, "x")
         x, s = self.x, self.s
         g = x * x                                           # x^2
         g *= 2 * 3 * _GELU_A * _GELU_C
@@ -425,6 +449,7 @@ class ReLU(Module):
         return x * self.mask
 
     def backward(self, dout):
+        self.check_backward(dout, "mask")
         return dout * self.mask
 
 
@@ -434,8 +459,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        check_number("p", p, 0.0, 1.0, high_inclusive=False, where=" (the dropout probability)")
         self.p = p
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.mask = None
@@ -467,15 +491,26 @@ def softmax(x, axis=-1):
     return e
 
 
-def cross_entropy(logits, targets, ignore_index=-100):
+IGNORE_INDEX = -100    # a target equal to it is not counted (Hugging Face's label padding)
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     """Mean token cross-entropy and its gradient.
 
     logits ``(..., V)``, targets ``(...)`` of ints; positions whose target equals
     ``ignore_index`` add nothing. The loss is averaged over the other positions
     (as ``torch.nn.functional.cross_entropy``). Returns ``(loss, dlogits)``.
+    When *every* target is ignored there is nothing to average: the loss is NaN
+    and ``dlogits`` is zero, exactly as in PyTorch (never a perfect-looking 0.0).
     """
-    logits = np.asarray(logits)
-    targets = np.asarray(targets)
+    logits = as_array("logits", logits)
+    targets = as_array("targets", targets)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a class axis (..., V) with V >= 1, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floats, got dtype {logits.dtype}")
+    if targets.size and not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree: "
                          f"targets must have shape {logits.shape[:-1]}")
@@ -492,7 +527,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     probs = np.exp(shifted)                                 # (N, V)
     sumexp = np.einsum("nv->n", probs)                      # (N,), row sums (fast einsum)
     nll = np.log(sumexp) - shifted[rows, safe_t]            # -log p(target)
-    loss = float((nll * keep).sum() / count)
+    loss = float((nll * keep).sum() / count) if keep.any() else float("nan")
     probs /= sumexp[:, None]                                # softmax
     dlogits = probs                                         # dL/dlogits = (p - onehot) / count
     dlogits[rows, safe_t] -= 1.0

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from nn import parameter_owner
+from validate import check_number
 
 
 class Optimizer:
@@ -42,7 +43,12 @@ class Optimizer:
     def _build_groups(self, param_groups, trainable):
         every, allowed = {n for n, _ in self.model.named_parameters()}, set(trainable)
         seen, groups = {}, []
+        if isinstance(param_groups, dict) or not isinstance(param_groups, (list, tuple)):
+            raise ValueError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
         for i, group in enumerate(param_groups):
+            if not isinstance(group, dict) or isinstance(group.get("names"), str):
+                raise ValueError(f"param group {i} must be a dict with a list of parameter "
+                                 f"'names', got {group!r:.80}")
             unknown_keys = set(group) - {"names", *self.defaults}
             if "names" not in group or unknown_keys:
                 raise ValueError(f"param group {i} needs 'names' and may set {sorted(self.defaults)}; "
@@ -51,10 +57,21 @@ class Optimizer:
                 self._check_name(name, i, every, allowed, seen)
                 seen[name] = i
             merged = {**self.defaults, **group, "names": list(group["names"])}
-            for key in ("lr", "weight_decay"):
-                if not merged[key] >= 0:
-                    where = f" (param group {i})" if key in group else ""
-                    raise ValueError(f"{key} must be >= 0, got {merged[key]}{where}")
+            where = f" (param group {i})"
+            check_number("lr", merged["lr"], 0.0, inclusive=False,
+                         where=where if "lr" in group else "")
+            check_number("weight_decay", merged["weight_decay"], 0.0,
+                         where=where if "weight_decay" in group else "")
+            if "momentum" in group:
+                check_number("momentum", merged["momentum"], 0.0, 1.0, high_inclusive=False, where=where)
+            if "eps" in group:
+                check_number("eps", merged["eps"], 0.0, inclusive=False, where=where)
+            if "betas" in group:
+                betas = merged["betas"]
+                if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                    raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+                for b in betas:
+                    check_number("betas", b, 0.0, 1.0, high_inclusive=False, where=where)
             merged["initial_lr"] = merged["lr"]
             groups.append(merged)
         missing = [n for n in trainable if n not in seen]
@@ -96,6 +113,7 @@ class Optimizer:
 
     def set_lr_scale(self, scale: float) -> None:
         """Set every group's ``lr`` to ``scale * initial_lr`` (for schedules)."""
+        check_number("scale", scale, 0.0)
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * scale
 
@@ -113,8 +131,7 @@ class SGD(Optimizer):
     """
 
     def __init__(self, model, lr=1e-2, momentum=0.0, weight_decay=0.0, param_groups=None):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_number("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         super().__init__(model, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          param_groups)
 
@@ -148,11 +165,11 @@ class AdamW(Optimizer):
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  param_groups=None):
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        b1, b2 = (check_number(f"betas[{i}]", b, 0.0, 1.0, high_inclusive=False,
+                               where=f" (betas={tuple(betas)})") for i, b in enumerate(betas))
+        check_number("eps", eps, 0.0, inclusive=False)
         super().__init__(model, {"lr": lr, "betas": (b1, b2), "eps": eps,
                                  "weight_decay": weight_decay}, param_groups)
         self.steps = {name: 0 for name in self.state}
@@ -183,24 +200,34 @@ class AdamW(Optimizer):
         param -= update                                     # (m, v and tmp share param's dtype)
 
 
+def trainable_grads(model):
+    """``[(name, gradient)]`` of the trainable parameters that have one."""
+    out = []
+    for name, _ in model.named_parameters(trainable_only=True):
+        module, attr = parameter_owner(model, name)
+        g = getattr(module, attr + "_grad", None)
+        if g is not None:
+            out.append((name, g))
+    return out
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the trainable gradients (``inf``/``nan`` if any is non-finite)."""
+    return math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for _, g in trainable_grads(model)))
+
+
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale all trainable gradients so their global L2 norm is at most ``max_norm``.
 
     Returns the norm *before* clipping (worth logging: spikes show instability).
     As ``torch.nn.utils.clip_grad_norm_``, the scale is ``max_norm / (norm + 1e-6)``.
+    A non-finite norm is returned without scaling anything (the caller decides).
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    grads = []
-    for name, _ in model.named_parameters(trainable_only=True):
-        module, attr = parameter_owner(model, name)
-        g = getattr(module, attr + "_grad", None)
-        if g is not None:
-            grads.append(g)
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-    if total > max_norm:
+    check_number("max_norm", max_norm, 0.0, inclusive=False)
+    total = grad_norm(model)
+    if math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads:
+        for _, g in trainable_grads(model):
             g *= scale
     return total
 

@@ -11,11 +11,12 @@ fine-tuning) exist so the comparison runner can treat every method alike.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from validate import one_of, positive_int, positive_number, probability
+from validate import annotated_type, one_of, positive_int, positive_number, probability
 
 DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]          # Hugging Face's default for OPT
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -73,6 +74,8 @@ class PeftConfig:
     task_type: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):          # types first: "false" is not False
+            annotated_type(getattr(self, f.name), f.type, f.name, f"{type(self).__name__}.{f.name}")
         self.task_type = _task_type(type(self).__name__, self.task_type)
         self.validate()
 
@@ -85,14 +88,45 @@ class PeftConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "PeftConfig":
+    def from_dict(d: dict, source="config") -> "PeftConfig":
         d = dict(d)
         peft_type = d.pop("peft_type", None)
-        if peft_type not in CONFIG_TYPES:
-            raise ValueError(f"unknown peft_type {peft_type!r}; known: {sorted(CONFIG_TYPES)}")
+        if not isinstance(peft_type, str) or peft_type not in CONFIG_TYPES:
+            raise ValueError(f"{source}: unknown peft_type {peft_type!r}; known: {sorted(CONFIG_TYPES)}")
         cls = CONFIG_TYPES[peft_type]
+        check_keys(d, cls, source)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: Every field of peft 0.21's LoRA, (IA)3, prefix and prompt configs: a file written by
+#: peft may hold any of them (we ignore those we have no use for); any *other* key is
+#: a mistake, most often a misspelling, and is refused.
+PEFT_FIELDS = frozenset("""
+    alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path
+    bias corda_config encoder_hidden_size ensure_weight_tying eva_config exclude_modules
+    fan_in_fan_out feedforward_modules inference_mode init_ia3_weights init_lora_weights
+    init_weights kasa_config layer_replication layers_pattern layers_to_transform loftq_config
+    lora_alpha lora_bias lora_dropout lora_ga_config megatron_config megatron_core
+    modules_to_save monteclora_config num_attention_heads num_layers num_transformer_submodules
+    num_virtual_tokens peft_type peft_version prefix_projection prompt_tuning_init
+    prompt_tuning_init_text qalora_group_size r rank_pattern revision runtime_config
+    target_modules target_parameters task_type token_dim tokenizer_kwargs tokenizer_name_or_path
+    trainable_token_indices use_bdlora use_dora use_qalora use_rslora velora_config
+""".split())
+
+
+def check_keys(raw: dict, cls, source="config") -> None:
+    """Refuse a key that is neither ``cls``'s field nor peft's, naming the closest field
+    (a misspelt ``lora_alhpa`` silently dropped would change the scaling)."""
+    ours = {f.name for f in dataclasses.fields(cls)}
+    known = ours | PEFT_FIELDS | {"peft_type", "base_model_config"}
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(ours | {"peft_type"}), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; {cls.__name__} fields: {sorted(ours)}"
+        raise ValueError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
 
 
 @dataclass
@@ -158,7 +192,8 @@ class BottleneckConfig(PeftConfig):
     ``placement``: ``"houlsby"`` (after attention and after the MLP, before each
     residual add), ``"pfeiffer"`` (after the MLP only), ``"parallel"`` (beside each
     sublayer, added to its output; He et al. 2022). Give ``bottleneck_size`` or
-    ``reduction_factor`` (bottleneck = d_model // reduction_factor).
+    ``reduction_factor`` (bottleneck = d_model // reduction_factor); neither: 16 units,
+    or d_model where the model is narrower. A bottleneck wider than d_model is refused.
     """
     peft_type: ClassVar[str] = "BOTTLENECK"
     touch_point: ClassVar[str] = "sublayer"
@@ -171,13 +206,11 @@ class BottleneckConfig(PeftConfig):
     def validate(self):
         _choice("BottleneckConfig", "placement", self.placement, ("houlsby", "pfeiffer", "parallel"))
         _choice("BottleneckConfig", "activation", self.activation, ("relu", "gelu"))
-        if self.bottleneck_size is None and self.reduction_factor is None:
-            self.bottleneck_size = 16
         if self.bottleneck_size is not None and self.reduction_factor is not None:
             raise ValueError("BottleneckConfig: give bottleneck_size or reduction_factor, not both")
         if self.bottleneck_size is not None:
             _positive_int("BottleneckConfig", "bottleneck_size", self.bottleneck_size)
-        else:
+        elif self.reduction_factor is not None:
             _positive_int("BottleneckConfig", "reduction_factor", self.reduction_factor)
 
 

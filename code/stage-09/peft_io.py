@@ -24,14 +24,16 @@ missing or unexpected tensor, or a shape made for another base raises
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import numpy as np
 
-from checkpoint import load_json, load_tensors, save_json, save_tensors, validate_tensors
+from checkpoint import (atomic_directory, load_json, load_metadata, load_tensors, save_json,
+                        save_tensors, validate_tensors)
 from hf_names import ADAPTER_PREFIX, from_hf_name, hf_targets, our_targets, to_hf_name
 from peft_base import bias_names, method_for
-from peft_config import IA3Config, LoraConfig, PeftConfig
+from peft_config import CONFIG_TYPES, IA3Config, LoraConfig, PeftConfig, check_keys
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -171,10 +173,15 @@ def adapter_files(peft_model, adapter_name, base_model_name_or_path=None, dtype=
     return config, tensors
 
 
-def write_adapter(directory, config, tensors):
-    """The two files, each written atomically (``checkpoint.save_tensors`` / ``save_json``)."""
+def write_adapter(directory, config, tensors, base_config=None):
+    """The two files, each written atomically (``checkpoint.save_tensors`` / ``save_json``);
+    ``base_config`` (a ``GPTConfig`` dict) goes into the safetensors metadata, where peft
+    does not look, so that a load into another base can be refused."""
     os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata=SAFETENSORS_METADATA)
+    metadata = dict(SAFETENSORS_METADATA)
+    if base_config is not None:
+        metadata["base_model_config"] = json.dumps(base_config, sort_keys=True)
+    save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata=metadata)
     save_json(os.path.join(directory, CONFIG_NAME), config)
 
 
@@ -186,11 +193,17 @@ def save_pretrained(peft_model, directory, adapter_name=None):
     ``base_model_name_or_path`` is the base's ``name_or_path`` (set by
     ``checkpoint.load_model``), or ``None``.
     """
+    if adapter_name is not None and adapter_name not in peft_model.adapters:
+        raise ValueError(f"unknown adapter {adapter_name!r}; known adapters: "
+                         f"{sorted(peft_model.adapters)}")
     names = [adapter_name] if adapter_name else list(peft_model.adapters)
     source = getattr(peft_model.base_model, "name_or_path", None)
-    for name in names:
-        target = directory if (name == "default" or len(names) == 1) else os.path.join(directory, name)
-        write_adapter(target, *adapter_files(peft_model, name, source))
+    files = {name: adapter_files(peft_model, name, source) for name in names}   # all, then write
+    base = peft_model.base_model.config.to_dict()
+    with atomic_directory(directory) as tmp:           # all files or none (a failed save
+        for name in names:                             # leaves the previous one loadable)
+            target = tmp if (name == "default" or len(names) == 1) else os.path.join(tmp, name)
+            write_adapter(target, *files[name], base_config=base)
 
 
 # ------------------------------------------------------------------ reading
@@ -206,10 +219,11 @@ def _config_from_hf(raw, names, shapes, model_config) -> PeftConfig:
         paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
         if not paths:
             raise ValueError("the adapter file holds no lora_A / lora_B tensors")
-        return LoraConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"],
-                          lora_dropout=float(raw.get("lora_dropout", 0.0)),
-                          bias=raw.get("bias", "none"), use_rslora=bool(raw.get("use_rslora", False)),
-                          use_dora=bool(raw.get("use_dora", False)),
+        return LoraConfig(r=raw.get("r"), lora_alpha=raw.get("lora_alpha"),   # types checked there:
+                          lora_dropout=raw.get("lora_dropout", 0.0),       # no int("8"), no
+                          bias=raw.get("bias", "none"),                    # bool("false")
+                          use_rslora=raw.get("use_rslora", False),
+                          use_dora=raw.get("use_dora", False),
                           target_modules=our_targets(paths, model_config))
     paths = sorted(n[: -len(".ia3.ia3_l")] for n in names if n.endswith(".ia3.ia3_l"))
     ff = [p for p in paths if shapes[p + ".ia3.ia3_l"][0] == 1]      # (1, in): input scaled
@@ -238,8 +252,15 @@ def read_adapter_dir(directory, model_config):
     if not os.path.isfile(cfg_path):
         raise ValueError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory")
     raw = load_json(cfg_path)
-    raw.pop("base_model_config", None)                 # files written before peft's layout
-    file_tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
+    kind = raw.get("peft_type")
+    if not isinstance(kind, str) or kind not in CONFIG_TYPES:
+        raise ValueError(f"{cfg_path}: unknown peft_type {kind!r}; known: {sorted(CONFIG_TYPES)}")
+    check_keys(raw, CONFIG_TYPES[kind], cfg_path)
+    check_same_base(raw.pop("base_model_config", None), model_config, cfg_path)  # (files before
+    weights = os.path.join(directory, WEIGHTS_NAME)                              # peft's layout)
+    check_same_base(_saved_base(weights), model_config, weights)
+    file_tensors = load_tensors(weights)
+    check_finite_floats(file_tensors, weights)
     tensors, keys = {}, {}
     for key, arr in file_tensors.items():
         if key == PROMPT_KEY:
@@ -253,8 +274,42 @@ def read_adapter_dir(directory, model_config):
     if raw.get("peft_type") in ("LORA", "IA3") and any(k.startswith(ADAPTER_PREFIX) for k in file_tensors):
         config = _config_from_hf(raw, tensors, {n: a.shape for n, a in tensors.items()}, model_config)
     else:
-        config = PeftConfig.from_dict(raw)
+        config = PeftConfig.from_dict(raw, cfg_path)
     return config, tensors, keys
+
+
+def _saved_base(weights_path):
+    try:
+        text = load_metadata(weights_path).get("base_model_config")
+    except (OSError, ValueError):
+        return None                                    # (load_tensors reports the file itself)
+    return None if text is None else json.loads(text)
+
+
+def check_same_base(saved, model_config, source) -> None:
+    """An adapter trained on another base (vocabulary, width, layers, heads, context) is
+    refused, naming every difference; files that recorded no base are not checked."""
+    if not isinstance(saved, dict):
+        return
+    ours = model_config.to_dict()
+    diff = [f"{k}: {saved[k]!r} in the file, {ours[k]!r} in the model" for k in
+            ("vocab_size", "context_length", "d_model", "n_layers", "n_heads")
+            if k in saved and saved[k] != ours.get(k)]
+    if diff:
+        raise ValueError(f"{source} was saved from another base model: " + "; ".join(diff))
+
+
+def check_finite_floats(tensors, source) -> None:
+    """Every adapter tensor must be a float array without NaN or infinity (an all-NaN or
+    an int8 adapter would otherwise load and silently ruin every output)."""
+    for name, arr in tensors.items():
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{source}: tensor {name!r} has dtype {arr.dtype}, expected a "
+                             f"float dtype")
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"{source}: tensor {name!r} holds {bad} non-finite values "
+                             f"(NaN or infinity) of {arr.size}")
 
 
 def _fit_layouts(tensors, expected):

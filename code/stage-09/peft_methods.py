@@ -46,6 +46,11 @@ class LoraMethod(Method):
 def new_lora_layer(wrapper, config: LoraConfig, rng):
     """The ``LoRALayer`` (``DoRALayer`` with ``use_dora``) for one wrapped linear."""
     cls = DoRALayer if config.use_dora else LoRALayer
+    limit = min(wrapper.in_features, wrapper.out_features)
+    if config.r > limit:                    # (the course's LoRALayer allows it: common mistake 5)
+        raise ValueError(f"LoraConfig.r={config.r} is larger than the layer: a "
+                         f"({wrapper.out_features}, {wrapper.in_features}) weight has rank at "
+                         f"most {limit}, so r must be <= {limit}")
     layer = cls(wrapper.in_features, wrapper.out_features, config.r, config.lora_alpha,
                 config.lora_dropout, config.init_lora_weights, config.use_rslora,
                 rng=rng, dtype=wrapper.weight.dtype)

@@ -30,6 +30,7 @@ import ia3  # noqa: F401  (registers IA3Method)
 import peft_io
 import peft_methods  # noqa: F401  (registers LoRA, prefix, prompt, BitFit, full)
 from nn import Module, parameter_owner, set_submodule
+from validate import adapter_name as check_adapter_name
 from optim import AdamW
 from peft_base import AdapterState, method_for  # noqa: F401  (AdapterState re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
@@ -51,9 +52,10 @@ class PeftModel(Module):
         self.active_adapters: list[str] = []
         self._disabled = False
         self.seed = seed
-        model.freeze()
-        self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        with all_or_nothing(model):         # a bad config leaves the model as it was
+            model.freeze()
+            self.add_adapter(adapter_name, peft_config)
+            self.set_adapter(adapter_name)
 
     # ---- the module tree: the base model's, plus active encoders -----------
     def children(self):
@@ -115,7 +117,7 @@ class PeftModel(Module):
         if prefix is None or prefix.position_convention == "keep":
             return None
         P, limit = prefix.prefix_length, self.base_model.config.context_length
-        if P + T > limit:
+        if T > self.position_budget():
             raise ValueError(f"{P} prefix positions + sequence length {T} = {P + T} exceeds "
                              f"context_length {limit} (position_convention='shift')")
         return np.arange(P, P + T)
@@ -139,7 +141,7 @@ class PeftModel(Module):
         return dx
 
     def generate(self, tokens, max_new_tokens, eos_id=None):
-        limit = self.base_model.config.context_length - self._virtual_tokens()
+        limit = self.position_budget()
         return self.base_model.generate(tokens, max_new_tokens, eos_id,
                                         forward=lambda t: self.forward(t[:, -limit:]))
 
@@ -147,12 +149,23 @@ class PeftModel(Module):
         prompt = self._encoder("prompt_encoder")
         return prompt.prompt_length if prompt is not None else 0
 
+    def position_budget(self) -> int:
+        """How many real tokens fit: the context less the positions the active adapters
+        take (a soft prompt's virtual tokens; a prefix under ``position_convention="shift"``,
+        which moves the real tokens' positions up by its length). The one place that
+        decides it, for ``forward``'s check and ``generate``'s window alike."""
+        prefix = self._encoder("prefix_encoder")
+        shift = prefix.prefix_length if prefix is not None and \
+            prefix.position_convention == "shift" else 0
+        return self.base_model.config.context_length - self._virtual_tokens() - shift
+
     # ---- adapters: add, switch, delete --------------------------------------
     def wrappers(self):
         """``(path, wrapper)`` for every PEFT wrapper module in the base model."""
         return [(p, m) for p, m in self.base_model.named_modules() if hasattr(m, "adapter_attr")]
 
     def add_adapter(self, adapter_name, peft_config: PeftConfig):
+        check_adapter_name(adapter_name)
         if not isinstance(peft_config, PeftConfig):
             raise ValueError(f"expected a PEFT config (LoraConfig, ...), got {type(peft_config).__name__}")
         if adapter_name in self.adapters:
@@ -166,11 +179,13 @@ class PeftModel(Module):
                     f"(adapter {other!r}) on one model: both wrap the same kind of module")
         rng = np.random.default_rng([self.seed, len(self.adapters)])
         active = list(self.active_adapters)
-        self._deactivate()
-        try:
-            self.adapters[adapter_name] = method_for(peft_config.peft_type).inject(self, peft_config, rng)
-        finally:
-            self._activate(active)
+        with all_or_nothing(self.base_model):
+            self._deactivate()
+            try:
+                self.adapters[adapter_name] = method_for(peft_config.peft_type).inject(
+                    self, peft_config, rng)
+            finally:
+                self._activate(active)
 
     def set_adapter(self, adapter_name):
         """Make ``adapter_name`` (or a list of names with different touch points) active."""
@@ -211,6 +226,10 @@ class PeftModel(Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; known adapters: {sorted(self.adapters)}")
         if len(self.adapters) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to remove it")
+        if self._merged_wrappers():
+            raise ValueError(f"cannot delete adapter {adapter_name!r} while an adapter is merged "
+                             f"into the base weights (its update would stay baked in); call "
+                             f"unmerge_adapter() first")
         active = [n for n in self.active_adapters if n != adapter_name]
         self._deactivate()
         del self.adapters[adapter_name]
@@ -261,7 +280,19 @@ class PeftModel(Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside the block the model computes exactly the base model's outputs."""
+        """Inside the block the model computes exactly the base model's outputs.
+
+        A merged adapter is taken out of the weights for the block and its merged
+        weights put back, bit for bit, afterwards. Blocks nest: only the outermost
+        one switches the adapters back on.
+        """
+        if self._disabled:                  # an inner block: the outer one decides
+            yield self
+            return
+        merged = self._merged_wrappers()
+        saved = [(w, w.base_layer.weight.copy(), None if w.base_layer.bias is None
+                  else w.base_layer.bias.copy()) for w in merged]
+        self._apply_all(merged, "unmerge_in_place")
         wrappers = [w for _, w in self.wrappers()]
         for w in wrappers:
             w.disabled = True
@@ -272,6 +303,30 @@ class PeftModel(Module):
             for w in wrappers:
                 w.disabled = False
             self._disabled = False
+            for w, W, b in saved:           # exactly the merged weights again
+                w.set_base_weights(W, b)
+                w.merged = True
+
+    def _merged_wrappers(self):
+        return [w for _, w in self.wrappers() if getattr(w, "merged", False)]
+
+    def _apply_all(self, wrappers, operation):
+        """``wrapper.<operation>()`` for every wrapper, or for none: all are asked first
+        (``check_merge``), and if one still fails the weights and flags written so far
+        are put back from copies (exactly, not by subtracting the update again)."""
+        merging = operation == "merge_in_place"
+        for w in wrappers:
+            w.check_merge(merging)
+        saved = [(w, w.base_layer.weight.copy(), None if w.base_layer.bias is None
+                  else w.base_layer.bias.copy(), w.merged) for w in wrappers]
+        try:
+            for w in wrappers:
+                getattr(w, operation)()
+        except BaseException:
+            for w, W, b, flag in saved:
+                w.set_base_weights(W, b)
+                w.merged = flag
+            raise
 
     # ---- merging -----------------------------------------------------------
     def _mergeable_wrappers(self):
@@ -282,13 +337,12 @@ class PeftModel(Module):
         return [w for _, w in self.wrappers() if getattr(w, w.adapter_attr) is not None]
 
     def merge_adapter(self):
-        """Fold the active adapter into the base weights (no inference overhead)."""
-        for w in self._mergeable_wrappers():
-            w.merge_in_place()
+        """Fold the active adapter into the base weights (no inference overhead); every
+        target is checked before one is merged, so a failure merges nothing."""
+        self._apply_all(self._mergeable_wrappers(), "merge_in_place")
 
     def unmerge_adapter(self):
-        for w in self._mergeable_wrappers():
-            w.unmerge_in_place()
+        self._apply_all(self._mergeable_wrappers(), "unmerge_in_place")
 
     def merge_and_unload(self):
         """Return the plain base model with the active adapter folded into its weights."""
@@ -373,6 +427,29 @@ def create_loraplus_optimizer(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.
     groups = [g for g in groups if g["names"]]
     return (optimizer_cls or AdamW)(model, lr=lr, weight_decay=weight_decay, param_groups=groups,
                                     **kwargs)
+
+
+def _tree(model):
+    """``[(path, module, frozen names, merged/disabled flags)]``, parents first."""
+    return [(p, m, set(m.frozen), {a: getattr(m, a) for a in ("merged", "disabled") if hasattr(m, a)})
+            for p, m in model.named_modules()]
+
+
+@contextlib.contextmanager
+def all_or_nothing(model):
+    """Run the block; if it raises, put ``model``'s module tree (wrapped modules back in
+    their places), trainable flags and adapter flags back as they were."""
+    before = _tree(model)
+    try:
+        yield
+    except BaseException:
+        for path, module, frozen, flags in before:
+            if path and model.get_submodule(path) is not module:
+                set_submodule(model, path, module)
+            module.frozen = frozen
+            for attr, value in flags.items():
+                setattr(module, attr, value)
+        raise
 
 
 def get_peft_model(model, peft_config: PeftConfig, adapter_name="default", seed=0) -> PeftModel:

@@ -229,12 +229,23 @@ def quantize_model(model, quant_type: str = "nf4", target_modules=None, blocksiz
     """
     if quant_type != "nf4":
         raise ValueError(f"quant_type must be 'nf4' (the only 4-bit type here), got {quant_type!r}")
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise ValueError(f"double_quant must be True or False, got {double_quant!r}")
     targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
+    # All or nothing: quantize every target first (a NaN, a bad blocksize raise here,
+    # naming the layer), and only then swap them in, so a failure changes nothing.
+    replacements = {}
     for name in find_targets(model, targets, layer_types=(Linear, QuantizedLinear)):
         module = model.get_submodule(name)
-        if not isinstance(module, QuantizedLinear):         # quantizing twice is a no-op
-            set_submodule(model, name, QuantizedLinear.from_linear(
-                module, blocksize=blocksize, double_quant=double_quant))
+        if isinstance(module, QuantizedLinear):             # quantizing twice is a no-op
+            continue
+        try:
+            replacements[name] = QuantizedLinear.from_linear(
+                module, blocksize=blocksize, double_quant=double_quant)
+        except ValueError as err:
+            raise ValueError(f"cannot quantize {name} (nothing was quantized): {err}") from None
+    for name, layer in replacements.items():
+        set_submodule(model, name, layer)
     return model.freeze()
 
 

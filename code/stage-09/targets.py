@@ -37,9 +37,23 @@ def find_targets(model: Module, target_modules, layers_to_transform=None,
     """
     if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
         raise ValueError("target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is a string, so a regular "
+                             f"expression, but it does not compile: {err}") from None
+    elif not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"target_modules must be module names (strings) or one regular "
+                         f"expression, got {target_modules!r}")
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
     candidates = [n for n, m in model.named_modules() if n and isinstance(m, layer_types)]
+    n_layers = len({layer_index(n) for n in candidates} - {None})
+    bad = [i for i in layers_to_transform or [] if not 0 <= i < n_layers] if n_layers else []
+    if bad:
+        raise ValueError(f"layers_to_transform={layers_to_transform!r}: layer(s) {bad} out of range; "
+                         f"the model has layers 0..{n_layers - 1}")
     found = [n for n in candidates if matches(n, target_modules)
              and (layers_to_transform is None or layer_index(n) in layers_to_transform)]
     if not found:

@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from validate import check_int, check_number
+
 # ---- vocabulary --------------------------------------------------------------
 PAD, SEP, EOS = 0, 1, 2
 FIRST_TASK_TOKEN, NUM_TASK_TOKENS = 3, 16          # ids 3..18 are task tokens
@@ -127,7 +129,7 @@ def get_task(task) -> Task:
     """Accept a ``Task`` or its name; unknown names raise ``ValueError`` listing the known ones."""
     if isinstance(task, Task):
         return task
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[task]
 
@@ -143,9 +145,17 @@ def _rng(task: Task, seed: int, stream: int):
     return np.random.default_rng([zlib.crc32(task.name.encode()), int(seed), stream])
 
 
-def _sample(task, n, seed, min_len, max_len, test):
-    if not 1 <= min_len <= max_len:
+def check_lengths(min_len, max_len) -> None:
+    check_int("min_len", min_len, 1)
+    check_int("max_len", max_len, 1)
+    if min_len > max_len:
         raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+
+
+def _sample(task, n, seed, min_len, max_len, test):
+    check_int("n", n, 0)
+    check_int("seed", seed, 0)
+    check_lengths(min_len, max_len)
     task = get_task(task)
     rng = _rng(task, seed, TEST_STREAM if test else TRAIN_STREAM)
     examples, draws = [], 0
@@ -184,8 +194,15 @@ def make_batch(examples, context_length=None, pad_id=PAD):
     causal attention never lets a real token see the padding after it.
     Returns ``inputs (B, T)`` and ``targets (B, T)``, both int64.
     """
+    if not hasattr(examples, "__len__") or isinstance(examples, (str, bytes, np.ndarray)):
+        raise ValueError(f"examples must be a list of (prompt, answer) pairs, got "
+                         f"{type(examples).__name__} {examples!r:.60}")
     if len(examples) == 0:
         raise ValueError("make_batch needs at least one example")
+    if context_length is not None:
+        check_int("context_length", context_length, 1)
+    for i, example in enumerate(examples):
+        check_example(i, example)
     seqs = [list(p) + list(a) + [EOS] for p, a in examples]
     T = max(len(s) for s in seqs) - 1
     if context_length is not None and T > context_length:
@@ -198,6 +215,24 @@ def make_batch(examples, context_length=None, pad_id=PAD):
     return inputs, targets
 
 
+def check_example(i, example) -> None:
+    """Example ``i`` must be ``(prompt, answer)``: a non-empty prompt and an answer, both
+    lists of integer token ids in ``0..VOCAB_SIZE-1``."""
+    if not isinstance(example, (tuple, list)) or len(example) != 2:
+        raise ValueError(f"example {i} must be a (prompt, answer) pair of token lists, "
+                         f"got {example!r:.60}")
+    for part, tokens in zip(("prompt", "answer"), example):
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise ValueError(f"example {i}: {part} must be a list of token ids, got {tokens!r:.60}")
+        for t in tokens:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) \
+                    or not 0 <= t < VOCAB_SIZE:
+                raise ValueError(f"example {i}: {part} token {t!r} is not an id in "
+                                 f"0..{VOCAB_SIZE - 1}")
+    if len(example[0]) == 0:
+        raise ValueError(f"example {i}: the prompt is empty (it needs at least the task token)")
+
+
 class MixtureSampler:
     """Endless source of fresh training examples from several tasks.
 
@@ -208,6 +243,14 @@ class MixtureSampler:
 
     def __init__(self, tasks=PRETRAIN_TASKS, seed=0, weights=None, min_len=MIN_LEN, max_len=MAX_LEN):
         self.tasks = [get_task(t) for t in ([tasks] if isinstance(tasks, (str, Task)) else tasks)]
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one task, e.g. ['copy']")
+        check_int("seed", seed, 0)
+        check_lengths(min_len, max_len)
+        if weights is not None:
+            weights = list(weights)
+            for w in weights:
+                check_number("weights", w, 0.0, where=f" (weights={weights!r})")
         w = np.ones(len(self.tasks)) if weights is None else np.asarray(weights, dtype=float)
         if w.shape != (len(self.tasks),) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"weights {weights!r} must be {len(self.tasks)} non-negative numbers, not all 0")
@@ -216,6 +259,7 @@ class MixtureSampler:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, n):
+        check_int("n", n, 0)
         counts = self.rng.multinomial(n, self.weights)
         examples = []
         for task, k in zip(self.tasks, counts):

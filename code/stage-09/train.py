@@ -12,6 +12,7 @@ the trainable names, which is where PEFT's memory saving comes from.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -20,9 +21,10 @@ import numpy as np
 from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
 from data_parallel import DataParallel
-from nn import cross_entropy
-from optim import AdamW, clip_grad_norm, warmup_cosine
+from nn import IGNORE_INDEX, cross_entropy
+from optim import AdamW, clip_grad_norm, grad_norm, trainable_grads, warmup_cosine
 from tasks import EOS, MixtureSampler, Task, make_batch
+from validate import check_int, check_number
 
 
 def as_sampler(data, seed=0):
@@ -60,8 +62,15 @@ def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every
     ``eval_steps``, ``eval_accuracies`` (a list, or a dict of lists when
     ``eval_examples`` is a dict), and ``seconds``.
     """
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+    check_int("steps", steps, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("warmup_steps", warmup_steps, 0)
+    check_int("processes", processes, 1)
+    check_int("seed", seed, 0)
+    if eval_every is not None:
+        check_int("eval_every", eval_every, 1)
+    if grad_clip is not None:
+        check_number("grad_clip", grad_clip, 0.0, inclusive=False)
     if schedule not in (None, "cosine"):
         raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
     sampler = as_sampler(data, seed)
@@ -75,7 +84,8 @@ def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every
         for step in bar:
             if schedule == "cosine":
                 optimizer.set_lr_scale(warmup_cosine(step, steps, warmup_steps))
-            loss, norm = train_step(model, optimizer, sampler(batch_size), grad_clip, parallel)
+            loss, norm = train_step(model, optimizer, sampler(batch_size), grad_clip, parallel,
+                                    step=step + 1)
             history["steps"].append(step + 1)
             history["losses"].append(loss)
             history["grad_norms"].append(norm)
@@ -91,10 +101,13 @@ def train(model, data, steps, lr=1e-3, batch_size=32, optimizer=None, eval_every
     return history
 
 
-def train_step(model, optimizer, examples, grad_clip=None, parallel=None):
+def train_step(model, optimizer, examples, grad_clip=None, parallel=None, step=None):
     """One forward/backward/update on a batch of examples; returns ``(loss, grad_norm)``.
 
     ``parallel``: a ``DataParallel`` over ``model`` to split the batch across processes.
+    A non-finite loss or gradient norm raises ``FloatingPointError`` naming ``step``
+    (and the first parameter whose gradient is not finite) *before* the optimizer
+    touches the weights: one NaN update would silently ruin every later step.
     """
     inputs, targets = make_batch(examples)                  # (B, T), (B, T)
     model.train()
@@ -105,9 +118,27 @@ def train_step(model, optimizer, examples, grad_clip=None, parallel=None):
         logits = model.forward(inputs)                      # (B, T, V)
         loss, dlogits = cross_entropy(logits, targets)
         model.backward(dlogits)
-    norm = clip_grad_norm(model, grad_clip) if grad_clip else float("nan")
+    norm = clip_grad_norm(model, grad_clip) if grad_clip else grad_norm(model)
+    check_finite_step(model, loss, norm, targets, step)
     optimizer.step()
     return loss, norm
+
+
+def check_finite_step(model, loss, norm, targets=None, step=None) -> None:
+    """Raise ``FloatingPointError`` if ``loss`` or ``norm`` is NaN or infinite."""
+    where = "" if step is None else f" at step {step}"
+    if targets is not None and not np.any(np.asarray(targets) != IGNORE_INDEX):
+        raise FloatingPointError(f"loss is {loss}{where}: every target of the batch is "
+                                 f"ignore_index {IGNORE_INDEX}, so there is nothing to average "
+                                 f"(PyTorch also returns NaN)")
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    culprit = next((name for name, g in trainable_grads(model) if not np.isfinite(g).all()), None)
+    raise FloatingPointError(
+        f"training diverged{where}: loss {loss}, gradient norm {norm}"
+        + (f"; first non-finite gradient: {culprit}" if culprit else "")
+        + ". The weights were not updated; lower the learning rate, clip gradients "
+          "(grad_clip) or check the data")
 
 
 def _record_eval(model, eval_examples, history, step):
@@ -171,6 +202,7 @@ def evaluate(model, examples, batch_size=256) -> float:
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
+    check_int("batch_size", batch_size, 1)
     limits = [len(a) + 1 for _, a in examples]
     predictions = greedy_answers(model, [p for p, _ in examples], limits, batch_size)
     hits = [pred == list(ans) for pred, (_, ans) in zip(predictions, examples)]
@@ -185,6 +217,7 @@ def eval_loss(model, examples, batch_size=256) -> float:
     """
     if not examples:
         raise ValueError("eval_loss needs at least one example")
+    check_int("batch_size", batch_size, 1)
     total, count = 0.0, 0
     with _EvalMode(model):
         for s in range(0, len(examples), batch_size):

@@ -86,21 +86,21 @@ def test_cross_entropy_target_shape_mismatch():
 def test_embedding_and_dropout_guards():
     with pytest.raises(ValueError, match=r"index 9 .* 0\.\.8"):
         Embedding(9, 4).forward(np.array([0, 9]))
-    with pytest.raises(ValueError, match=r"\[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"p must be a finite number in \[0, 1\), got 1.5"):
         Dropout(1.5)
 
 
 def test_bad_optimizer_settings(model):
-    with pytest.raises(ValueError, match="lr must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -0.1"):
         AdamW(model, lr=-0.1)
     names = [n for n, _ in model.named_parameters()]
-    with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -1 \(param group 0\)"):
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0, got -1.0 \(param group 0\)"):
         AdamW(model, param_groups=[{"names": names, "weight_decay": -1}])
-    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\), got \(0.9, 1.0\)"):
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number in \[0, 1\), got 1.0 \(betas=\(0.9, 1.0\)\)"):
         AdamW(model, betas=(0.9, 1.0))
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.2"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\), got 1.2"):
         SGD(model, lr=0.1, momentum=1.2)
-    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
         clip_grad_norm(model, 0)
 
 
@@ -111,7 +111,7 @@ def test_bad_task_requests():
         make_examples("copy", 3, min_len=5, max_len=3)
     with pytest.raises(ValueError, match="no inputs of length 1..1"):
         fixed_test_set("copy", 3, min_len=1, max_len=1)
-    with pytest.raises(ValueError, match=r"weights \[1, -1\] must be 2 non-negative"):
+    with pytest.raises(ValueError, match=r"weights must be a finite number >= 0, got -1.0 \(weights=\[1, -1\]\)"):
         MixtureSampler(["copy", "sort"], weights=[1, -1])
 
 
@@ -133,7 +133,7 @@ def test_training_on_sequences_that_do_not_fit(model):
 def test_bad_training_arguments(model):
     with pytest.raises(ValueError, match="empty list of examples"):
         as_sampler([])
-    with pytest.raises(ValueError, match="steps >= 0 and batch_size >= 1, got 5 and 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         train(model, "copy", steps=5, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="at least one example"):
         evaluate(model, [])

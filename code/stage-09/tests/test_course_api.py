@@ -58,7 +58,9 @@ def test_lora_linear_course_form():
     rng = np.random.default_rng(1)
     W, b = rng.standard_normal((5, 6)), rng.standard_normal(5)
     layer = LoRALinear(W, b, lora_rank=2, lora_alpha=4.0)
-    assert layer.weight is W and layer.bias is b
+    assert layer.weight is not W and layer.bias is not b          # copies: merging in place
+    np.testing.assert_array_equal(layer.weight, W)                # must not change the learner's W
+    np.testing.assert_array_equal(layer.bias, b)
     assert (layer.in_features, layer.out_features) == (6, 5)
     assert isinstance(layer.lora, LoRALayer) and layer.lora.rank == 2
     x = rng.standard_normal((3, 6))

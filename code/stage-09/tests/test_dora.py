@@ -145,7 +145,7 @@ def test_merged_weight_formula_and_merge_and_unload():
 def test_unmerge_without_merge_is_an_error():
     layer = DoRALayer(4, 3, rank=1)
     layer.init_magnitude(np.ones((3, 4)))
-    with pytest.raises(ValueError, match="previous merge"):
+    with pytest.raises(ValueError, match="needs the scale of the merge"):
         layer.unmerge_weights(np.ones((3, 4)))
 
 

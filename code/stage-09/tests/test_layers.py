@@ -123,9 +123,15 @@ def test_cross_entropy_value_matches_definition(rng):
     assert abs(loss - expected) < 1e-12
 
 
-def test_cross_entropy_all_ignored_is_zero(rng):
+def test_cross_entropy_all_ignored_is_nan_as_in_pytorch(rng):
+    """No counted target: NaN loss (not a perfect-looking 0.0) and a zero gradient."""
     loss, d = cross_entropy(rng.standard_normal((2, 3, 5)), np.full((2, 3), -100))
-    assert loss == 0.0 and not d.any()
+    assert np.isnan(loss) and d.shape == (2, 3, 5) and not d.any()
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(rng.standard_normal((6, 5)), requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(x, torch.full((6,), -100))
+    ref.backward()
+    assert np.isnan(ref.item()) and not x.grad.numpy().any()
 
 
 def test_cross_entropy_is_stable_for_huge_logits():

@@ -329,7 +329,8 @@ def test_load_into_wrong_base_names_tensor_and_shapes(tmp_path):
     model.save_pretrained(tmp_path)
     other = GPT(GPTConfig(vocab_size=13, context_length=10, d_model=32, n_layers=2, n_heads=2))
     before = {n: p.copy() for n, p in other.named_parameters()}
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.lora\.A.*\(4, 16\).*\(4, 32\)"):
+    with pytest.raises(ValueError, match=r"saved from another base model: d_model: 16 in the file, "
+                                         r"32 in the model"):
         PeftModel.from_pretrained(other, tmp_path)
     assert not any(isinstance(m, LoRALinear) for _, m in other.named_modules())   # unchanged
     assert all(np.array_equal(p, before[n]) for n, p in other.named_parameters())
