@@ -28,9 +28,11 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV)
 
-# Optional: the Hugging Face checks (transformers + peft load our exports and compute
-# the same logits). Installs the `hf` extra (CPU torch 2.13.0, transformers, peft).
+# Optional: the Hugging Face checks (transformers + peft load our exports, we load their
+# checkpoints and adapters, and both compute the same logits and gradients). Installs the `hf` extra (CPU torch 2.13.0, transformers, peft).
 .PHONY: test-hf
 test-hf: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[hf]"
-	REQUIRE_HF=1 $(PY) -m pytest -q code/stage-09/tests/test_hf_export.py code/stage-09/tests/test_adapter_files.py
+	REQUIRE_HF=1 $(PY) -m pytest -q code/stage-09/tests/test_hf_export.py code/stage-09/tests/test_adapter_files.py \
+		code/stage-09/tests/test_hf_import.py code/stage-09/tests/test_hf_import_files.py \
+		code/stage-09/tests/test_hf_tokenizer.py

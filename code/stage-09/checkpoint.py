@@ -321,7 +321,8 @@ def load_into(model, directory) -> None:
     path = os.path.join(directory, WEIGHTS_NAME)
     tensors, metadata = _read(path)
     if "config" in metadata:
-        diff = _config_diff(json.loads(metadata["config"]), config)
+        # through GPTConfig: a file from before a field existed reads as its default
+        diff = _config_diff(GPTConfig.from_dict(json.loads(metadata["config"])).to_dict(), config)
         if diff:
             raise ValueError(f"config mismatch: {path} was saved with another config than "
                              f"{CONFIG_NAME} (weights vs json): " + "; ".join(diff))

@@ -104,6 +104,8 @@ def base_tensors(model, dtype=np.float32) -> dict:
     paths = ["ln_f"] + [f"layers.{i}.{m}" for i in range(gpt.config.n_layers)
                         for m in ("ln_1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                   "self_attn.out_proj", "ln_2", "mlp.fc1", "mlp.fc2")]
+    if gpt.lm_head is not None:                      # an untied head (a loaded OPT can have one)
+        ours["lm_head.weight"] = _frozen_module(gpt.lm_head).weight
     for path in paths:
         module = _frozen_module(gpt.get_submodule(path))
         if isinstance(module, LayerNorm) and module.eps != 1e-5:
@@ -125,11 +127,12 @@ def opt_config(config, dtype="float32", pad_token_id=None, bos_token_id=None,
         "architectures": ["OPTForCausalLM"], "model_type": "opt",
         "vocab_size": config.vocab_size, "hidden_size": config.d_model,
         "word_embed_proj_dim": config.d_model, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "ffn_dim": 4 * config.d_model,
+        "num_attention_heads": config.n_heads, "ffn_dim": config.ffn_dim,
         "max_position_embeddings": config.context_length,
-        "activation_function": "gelu_new",           # 0.5 x (1 + tanh(...)): our GELU
+        "activation_function": config.activation,    # gelu_new = 0.5 x (1 + tanh(...)): our GELU
         "do_layer_norm_before": True, "_remove_final_layer_norm": False,
-        "enable_bias": True, "layer_norm_elementwise_affine": True, "tie_word_embeddings": True,
+        "enable_bias": True, "layer_norm_elementwise_affine": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "dropout": float(config.dropout), "attention_dropout": 0.0, "layerdrop": 0.0,
         "init_std": 0.02, "use_cache": True, "pad_token_id": pad_token_id,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,

@@ -16,6 +16,10 @@ tensors carry ``peft``'s ``base_model.model.`` prefix and its suffixes::
 
 Used in both directions by ``peft_io`` (our adapter files are in ``peft``'s
 layout) and ``hf_export`` (the base model as an OPT checkpoint).
+
+A model that keeps Hugging Face's own module names (``gpt2.GPT2LMHeadModel``, its
+class attribute ``hf_names = True``) needs no table: its paths *are* the keys, and
+only the adapter suffixes change. The functions taking a ``model`` choose for it.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ MODULE_NAMES = [
     ("layers.{i}.ln_2", "model.decoder.layers.{i}.final_layer_norm"),
     ("layers.{i}.mlp.{fc}", "model.decoder.layers.{i}.{fc}"),
     ("ln_f", "model.decoder.final_layer_norm"),
+    ("lm_head", "lm_head"),                         # only when the head is untied (a loaded OPT)
 ]
 # (ours, Hugging Face): what follows a module path inside an adapter
 ADAPTER_SUFFIXES = [(".lora.A", ".lora_A.weight"), (".lora.B", ".lora_B.weight"),
@@ -76,20 +81,42 @@ def from_hf_name(key: str) -> str:
     return _translate(_swap_suffix(key, 1, 0), 1, 0)
 
 
-def linear_paths(config):
-    """Every linear a LoRA or (IA)3 config could target, in our names."""
-    return [f"layers.{i}.{m}" for i in range(config.n_layers) for m in LINEAR_LEAVES]
+def to_hf_key(model, name: str) -> str:
+    """``to_hf_name`` for ``model``: a model with Hugging Face's names only swaps the suffix."""
+    return _swap_suffix(name, 0, 1) if getattr(model, "hf_names", False) else to_hf_name(name)
 
 
-def hf_targets(paths, config):
+def from_hf_key(model, key: str) -> str:
+    """``from_hf_name`` for ``model`` (see ``to_hf_key``)."""
+    if not getattr(model, "hf_names", False):
+        return from_hf_name(key)
+    return _swap_suffix(key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key, 1, 0)
+
+
+def fan_in_fan_out(model, paths) -> bool:
+    """peft's flag for these modules: True where Hugging Face stores the weight ``(in, out)``
+    (GPT-2's ``Conv1D``: ``model.conv1d_modules``); ours are all ``(out, in)``, so only the
+    files need it."""
+    conv1d = getattr(model, "conv1d_modules", ())
+    return any(p.rsplit(".", 1)[-1] in conv1d for p in paths)
+
+
+def linear_paths(model):
+    """Every linear a LoRA or (IA)3 config could target, in our names (``model.hf_blocks``:
+    where a model with other names keeps its blocks and their linears)."""
+    prefix, leaves = getattr(model, "hf_blocks", ("layers", LINEAR_LEAVES))
+    return [f"{prefix}.{i}.{m}" for i in range(model.config.n_layers) for m in leaves]
+
+
+def hf_targets(paths, model):
     """``target_modules`` for peft: the leaf names if they select exactly ``paths``, else full names."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    if {n for n in linear_paths(config) if matches(n, leaves)} == set(paths):
+    if {n for n in linear_paths(model) if matches(n, leaves)} == set(paths):
         return leaves
-    return sorted(to_hf_name(p) for p in paths)
+    return sorted(to_hf_key(model, p) for p in paths)
 
 
-def our_targets(paths, config):
+def our_targets(paths, model):
     """``target_modules`` for our ``LoraConfig``/``IA3Config`` selecting exactly ``paths``."""
-    targets = hf_targets(paths, config)
+    targets = hf_targets(paths, model)
     return targets if "." not in targets[0] else sorted(paths)

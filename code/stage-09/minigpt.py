@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from nn import ACTIVATIONS, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from validate import as_array, check_int, positive_int
 
 
@@ -31,6 +31,12 @@ class GPTConfig:
     n_heads: int = 4
     dropout: float = 0.0
     dtype: type = np.float32
+    # what a loaded Hugging Face checkpoint may differ in (hf_import.py); defaults: ours
+    activation: str = "gelu_new"        # MLP activation: "gelu_new" (tanh GELU) or "relu" (OPT)
+    layer_norm_eps: float = 1e-5
+    d_ff: int | None = None             # MLP width; None means 4 * d_model
+    bias: bool = True                   # biases in the linear layers
+    tie_word_embeddings: bool = True    # LM head = embed_tokens.weight, else its own lm_head
 
     def __post_init__(self):
         for field in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
@@ -46,6 +52,17 @@ class GPTConfig:
             dtype = None
         if dtype not in (np.float32, np.float64):           # float16 overflows -1e30 masks
             raise ValueError(f"GPTConfig.dtype must be float32 or float64, got {self.dtype!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
+        if self.d_ff is not None:
+            positive_int(self.d_ff, "d_ff", "GPTConfig.d_ff")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+
+    @property
+    def ffn_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
 
     @property
     def d_head(self) -> int:
@@ -66,11 +83,11 @@ class GPTConfig:
 _MASKED = -1e30  # added to masked scores: exp(-1e30 - max) is exactly 0 in float32 and float64
 
 
-def _normal_linear(d_in, d_out, rng, dtype, std=0.02):
+def _normal_linear(d_in, d_out, rng, dtype, std=0.02, bias=True):
     """GPT-2 initialisation: weights N(0, std^2), biases zero."""
-    layer = Linear(d_in, d_out, rng=rng, dtype=dtype)
+    layer = Linear(d_in, d_out, bias=bias, rng=rng, dtype=dtype)
     layer.weight = (rng.standard_normal((d_out, d_in)) * std).astype(dtype)
-    layer.bias = np.zeros(d_out, dtype=dtype)
+    layer.bias = np.zeros(d_out, dtype=dtype) if bias else None
     return layer
 
 
@@ -102,10 +119,11 @@ class CausalSelfAttention(Module):
         D, dt = config.d_model, config.dtype
         self.n_heads, self.d_head = config.n_heads, config.d_head
         self.scale = 1.0 / math.sqrt(self.d_head)
-        self.q_proj = _normal_linear(D, D, rng, dt)
-        self.k_proj = _normal_linear(D, D, rng, dt)
-        self.v_proj = _normal_linear(D, D, rng, dt)
-        self.out_proj = _normal_linear(D, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers))
+        b = config.bias
+        self.q_proj = _normal_linear(D, D, rng, dt, bias=b)
+        self.k_proj = _normal_linear(D, D, rng, dt, bias=b)
+        self.v_proj = _normal_linear(D, D, rng, dt, bias=b)
+        self.out_proj = _normal_linear(D, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers), bias=b)
         self.prefix_grad = None
 
     def _split(self, t, B, T):
@@ -134,11 +152,16 @@ class CausalSelfAttention(Module):
         return pk, pv
 
     def forward(self, x, attention_mask=None, prefix=None):
-        B, T, D = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)   # (B, T, D) each
+        return self.out_proj(self.attend(q, k, v, attention_mask, prefix))
+
+    def attend(self, q, k, v, attention_mask=None, prefix=None):
+        """Causal attention of projected ``q, k, v (B, T, D)``; merged heads ``(B, T, D)``."""
+        B, T, D = q.shape
         H, dh = self.n_heads, self.d_head
-        q = self._split(self.q_proj(x) * self.scale, B, T)  # (B, H, T, dh), scaled by 1/sqrt(dh)
-        k = self.k_proj(x).reshape(B, T, H, dh)             # (B, T, H, dh)
-        v = self.v_proj(x).reshape(B, T, H, dh)             # (B, T, H, dh)
+        q = self._split(q * self.scale, B, T)               # (B, H, T, dh), scaled by 1/sqrt(dh)
+        k = k.reshape(B, T, H, dh)                          # (B, T, H, dh)
+        v = v.reshape(B, T, H, dh)                          # (B, T, H, dh)
         P = 0
         self.prefix_batched = False
         self.prefix_grad = None
@@ -167,15 +190,23 @@ class CausalSelfAttention(Module):
         np.matmul(att.transpose(1, 2, 3, 0), v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, dh)
         self.q, self.k, self.v, self.P = q, k, v, P
         self.att = att.transpose(1, 2, 3, 0)                # (B, H, T, P+T) view, for reading
-        return self.out_proj(y.reshape(B, T, D))
+        return y.reshape(B, T, D)
 
     def backward(self, dout):
-        B, T, D = dout.shape
+        dq, dk, dv = self.attend_backward(self.out_proj.backward(dout))   # (B, T, D) each
+        dx = self.q_proj.backward(dq)
+        dx += self.k_proj.backward(dk)
+        dx += self.v_proj.backward(dv)
+        return dx
+
+    def attend_backward(self, dy):
+        """Backward of ``attend``: ``dy (B, T, D)`` -> ``(dq, dk, dv)``, each ``(B, T, D)``."""
+        B, T, D = dy.shape
         H, dh = self.n_heads, self.d_head
         q, k, v, P = self.q, self.k, self.v, self.P
         att = self.att.transpose(3, 0, 1, 2)                # (P+T, B, H, T), key-major again
         S, dt = P + T, att.dtype
-        dy = self._split(self.out_proj.backward(dout), B, T)   # (B, H, T, dh)
+        dy = self._split(dy, B, T)                          # (B, H, T, dh)
         empty = lambda *shape: np.empty_like(dy, shape=shape, dtype=dt, order="C")  # noqa: E731
         dscores = empty(S, B, H, T)                         # key-major, like att
         # attention_reference.attention_backward, line by line, in the key-major layout:
@@ -195,19 +226,16 @@ class CausalSelfAttention(Module):
                 dpk, dpv = dpk.sum(0), dpv.sum(0)           # (P, H, dh)
             self.prefix_grad = (dpk, dpv)
             dk, dv = dk[:, P:], dv[:, P:]                   # (B, T, H, dh)
-        dx = self.q_proj.backward(dq.reshape(B, T, D))
-        dx += self.k_proj.backward(dk.reshape(B, T, D))
-        dx += self.v_proj.backward(dv.reshape(B, T, D))
-        return dx
+        return dq.reshape(B, T, D), dk.reshape(B, T, D), dv.reshape(B, T, D)
 
 
 class MLP(Module):
     def __init__(self, config: GPTConfig, rng):
         super().__init__()
-        D, dt = config.d_model, config.dtype
-        self.fc1 = _normal_linear(D, 4 * D, rng, dt)
-        self.act = GELU()
-        self.fc2 = _normal_linear(4 * D, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers))
+        D, F, dt, b = config.d_model, config.ffn_dim, config.dtype, config.bias
+        self.fc1 = _normal_linear(D, F, rng, dt, bias=b)
+        self.act = ACTIVATIONS[config.activation]()
+        self.fc2 = _normal_linear(F, D, rng, dt, std=0.02 / math.sqrt(2 * config.n_layers), bias=b)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))              # (B, T, D)
@@ -221,10 +249,10 @@ class Block(Module):
 
     def __init__(self, config: GPTConfig, rng):
         super().__init__()
-        self.ln_1 = LayerNorm(config.d_model, dtype=config.dtype)
+        self.ln_1 = LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=config.dtype)
         self.self_attn = CausalSelfAttention(config, rng)
         self.drop_1 = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
-        self.ln_2 = LayerNorm(config.d_model, dtype=config.dtype)
+        self.ln_2 = LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=config.dtype)
         self.mlp = MLP(config, rng)
         self.drop_2 = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
 
@@ -254,7 +282,9 @@ class GPT(Module):
         self.embed_positions = Embedding(config.context_length, config.d_model, rng=rng, dtype=dt)
         self.drop = Dropout(config.dropout, rng=np.random.default_rng(rng.integers(2**31)))
         self.layers = ModuleList(Block(config, rng) for _ in range(config.n_layers))
-        self.ln_f = LayerNorm(config.d_model, dtype=dt)
+        self.ln_f = LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=dt)
+        self.lm_head = None if config.tie_word_embeddings else _normal_linear(
+            config.d_model, config.vocab_size, rng, dt, bias=False)   # untied head (OPT can be)
 
     # ---- input checks ----------------------------------------------------
     def check_tokens(self, tokens, extra_positions: int = 0):
@@ -327,6 +357,8 @@ class GPT(Module):
             x = block(x, attention_mask=attention_mask,
                       prefix=None if prefixes is None else prefixes[i])
         self.h = self.ln_f(x)                               # (B, T, D)
+        if self.lm_head is not None:
+            return self.lm_head(self.h)                     # (B, T, V), untied head
         B, T, D = self.h.shape
         logits = self.h.reshape(B * T, D) @ self.embed_tokens.weight.T   # (B*T, V), one matmul
         return logits.reshape(B, T, -1)                     # (B, T, V)
@@ -341,10 +373,13 @@ class GPT(Module):
         """Backward through head, ``ln_f`` and blocks; returns dL/dx ``(B, T, D)``."""
         V, D = self.config.vocab_size, self.config.d_model
         self.check_backward(dlogits, "h", lambda h: (*h.shape[:-1], V))
-        if self.embed_tokens.wants_grad("weight"):          # the tied head's share
-            self.embed_tokens._accumulate(
-                "weight", dlogits.reshape(-1, V).T @ self.h.reshape(-1, D))
-        dh = dlogits.reshape(-1, V) @ self.embed_tokens.weight         # (B*T, D)
+        if self.lm_head is not None:
+            dh = self.lm_head.backward(dlogits)             # (B, T, D), untied head
+        else:
+            if self.embed_tokens.wants_grad("weight"):      # the tied head's share
+                self.embed_tokens._accumulate(
+                    "weight", dlogits.reshape(-1, V).T @ self.h.reshape(-1, D))
+            dh = dlogits.reshape(-1, V) @ self.embed_tokens.weight     # (B*T, D)
         dx = self.ln_f.backward(dh.reshape(self.h.shape))   # (B, T, D)
         for block in reversed(self.layers):
             dx = block.backward(dx)

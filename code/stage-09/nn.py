@@ -475,7 +475,7 @@ class Dropout(Module):
         return dout if self.mask is None else dout * self.mask
 
 
-ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
+ACTIVATIONS = {"relu": ReLU, "gelu": GELU, "gelu_new": GELU}   # gelu_new: Hugging Face's name
 
 
 def softmax(x, axis=-1):

@@ -148,6 +148,9 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     init_lora_weights: bool | str = True             # True, False or "gaussian"
     layers_to_transform: list[int] | int | None = None
+    # peft's flag for weights stored (in, out) (GPT-2's Conv1D); ours are all (out, in),
+    # so it is recorded for the files and changes nothing here (hf_names.fan_in_fan_out)
+    fan_in_fan_out: bool = False
 
     def validate(self):
         _positive_int("LoraConfig", "r", self.r)
@@ -155,6 +158,7 @@ class LoraConfig(PeftConfig):
         probability(self.lora_dropout, "lora_dropout", "LoraConfig.lora_dropout")
         _choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
         _choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        _choice("LoraConfig", "fan_in_fan_out", self.fan_in_fan_out, (True, False))
         if self.target_modules is None:
             self.target_modules = list(DEFAULT_LORA_TARGETS)
         if isinstance(self.target_modules, tuple):

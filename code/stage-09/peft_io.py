@@ -31,7 +31,7 @@ import numpy as np
 
 from checkpoint import (atomic_directory, load_json, load_metadata, load_tensors, save_json,
                         save_tensors, validate_tensors)
-from hf_names import ADAPTER_PREFIX, from_hf_name, hf_targets, our_targets, to_hf_name
+from hf_names import ADAPTER_PREFIX, fan_in_fan_out, from_hf_key, hf_targets, our_targets, to_hf_key
 from peft_base import bias_names, method_for
 from peft_config import CONFIG_TYPES, IA3Config, LoraConfig, PeftConfig, check_keys
 
@@ -40,7 +40,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 SAFETENSORS_METADATA = {"format": "pt"}     # what peft writes; transformers expects it
 PROMPT_KEY = "prompt_embeddings"            # peft's one tensor for prompt / prefix tuning
 # peft LoRA options that change what the adapter computes and that our LoRA lacks
-UNSUPPORTED_LORA = ("fan_in_fan_out", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
+UNSUPPORTED_LORA = ("lora_bias", "use_qalora", "rank_pattern", "alpha_pattern",
                     "layer_replication", "modules_to_save", "target_parameters",
                     "trainable_token_indices")
 
@@ -78,15 +78,16 @@ def single_active(peft_model) -> str:
 def _lora_files(peft_model, state):
     c, gpt = state.config, peft_model.base_model
     config = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
-              "target_modules": hf_targets(list(state.slots), gpt.config), "bias": c.bias,
-              "use_rslora": c.use_rslora, "use_dora": c.use_dora, "fan_in_fan_out": False,
+              "target_modules": hf_targets(list(state.slots), gpt), "bias": c.bias,
+              "use_rslora": c.use_rslora, "use_dora": c.use_dora,
+              "fan_in_fan_out": fan_in_fan_out(gpt, state.slots),
               "init_lora_weights": c.init_lora_weights, "layers_to_transform": None,
               "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
     tensors = {f"{path}.lora.{pname}": arr for path, layer in state.slots.items()
                for pname, arr in layer.named_parameters()}
     for name in lora_bias_names(gpt, state):        # trained in place, in the base model
         tensors[name] = gpt.get_parameter(name)
-    return config, {ADAPTER_PREFIX + to_hf_name(n): a for n, a in tensors.items()}
+    return config, {ADAPTER_PREFIX + to_hf_key(gpt, n): a for n, a in tensors.items()}
 
 
 def lora_bias_names(gpt, state):
@@ -103,16 +104,16 @@ def _ia3_files(peft_model, state):
     gpt, tensors = peft_model.base_model, {}
     for path, vector in state.slots.items():
         # peft: (1, in) multiplies a feed-forward layer's input, (out, 1) the others' output
-        tensors[ADAPTER_PREFIX + to_hf_name(path) + ".ia3_l"] = (
+        tensors[ADAPTER_PREFIX + to_hf_key(gpt, path) + ".ia3_l"] = (
             vector.ia3_l[None, :] if vector.is_feedforward else vector.ia3_l[:, None])
     ff = [p for p, v in state.slots.items() if v.is_feedforward]
-    targets = hf_targets(list(state.slots), gpt.config)
-    ff_targets = hf_targets(ff, gpt.config) if ff else []
+    targets = hf_targets(list(state.slots), gpt)
+    ff_targets = hf_targets(ff, gpt) if ff else []
     if any("." in t for t in targets + ff_targets):     # peft wants ff a subset of targets
-        targets = sorted(to_hf_name(p) for p in state.slots)
-        ff_targets = sorted(to_hf_name(p) for p in ff)
+        targets = sorted(to_hf_key(gpt, p) for p in state.slots)
+        ff_targets = sorted(to_hf_key(gpt, p) for p in ff)
     config = {"target_modules": targets, "feedforward_modules": ff_targets,
-              "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
+              "fan_in_fan_out": fan_in_fan_out(gpt, state.slots), "init_ia3_weights": True, "modules_to_save": None}
     return config, tensors
 
 
@@ -207,7 +208,7 @@ def save_pretrained(peft_model, directory, adapter_name=None):
 
 
 # ------------------------------------------------------------------ reading
-def _config_from_hf(raw, names, shapes, model_config) -> PeftConfig:
+def _config_from_hf(raw, names, shapes, model) -> PeftConfig:
     """Our config for a peft-layout LoRA or (IA)3 file; the targets are the file's modules,
     so any ``target_modules`` form peft accepts ("all-linear", a regex, ...) reads the same."""
     kind = raw.get("peft_type")
@@ -219,32 +220,38 @@ def _config_from_hf(raw, names, shapes, model_config) -> PeftConfig:
         paths = sorted({n.rsplit(".lora.", 1)[0] for n in names if ".lora." in n})
         if not paths:
             raise ValueError("the adapter file holds no lora_A / lora_B tensors")
+        if raw.get("fan_in_fan_out") and not fan_in_fan_out(model, paths):
+            raise ValueError("adapter_config.json sets fan_in_fan_out=True, which is for weights "
+                             "stored (in, out) (GPT-2's Conv1D); this model's targeted layers are "
+                             "nn.Linear (OPT), so the adapter was made for another architecture")
         return LoraConfig(r=raw.get("r"), lora_alpha=raw.get("lora_alpha"),   # types checked there:
                           lora_dropout=raw.get("lora_dropout", 0.0),       # no int("8"), no
                           bias=raw.get("bias", "none"),                    # bool("false")
                           use_rslora=raw.get("use_rslora", False),
                           use_dora=raw.get("use_dora", False),
-                          target_modules=our_targets(paths, model_config))
+                          fan_in_fan_out=raw.get("fan_in_fan_out", False),
+                          target_modules=our_targets(paths, model))
     paths = sorted(n[: -len(".ia3.ia3_l")] for n in names if n.endswith(".ia3.ia3_l"))
     ff = [p for p in paths if shapes[p + ".ia3.ia3_l"][0] == 1]      # (1, in): input scaled
-    targets = our_targets(paths, model_config)
-    ff_targets = ([] if not ff else sorted(ff) if "." in targets[0] else our_targets(ff, model_config))
+    targets = our_targets(paths, model)
+    ff_targets = ([] if not ff else sorted(ff) if "." in targets[0] else our_targets(ff, model))
     return IA3Config(target_modules=targets, feedforward_modules=ff_targets)
 
 
-def _our_name(key, directory):
+def _our_name(key, directory, model):
     if not key.startswith(ADAPTER_PREFIX):
         return key                                     # our own dotted name
     try:
-        return from_hf_name(key)
+        return from_hf_key(model, key)
     except ValueError:
         raise ValueError(f"tensor {key!r} in {directory!r} names no module of the mini GPT "
                          f"(expected keys like {ADAPTER_PREFIX}model.decoder.layers.0."
                          f"self_attn.q_proj.lora_A.weight)") from None
 
 
-def read_adapter_dir(directory, model_config):
-    """``(config, {our name: array}, {our name: key in the file})`` of an adapter directory.
+def read_adapter_dir(directory, model):
+    """``(config, {our name: array}, {our name: key in the file})`` of an adapter directory
+    for the base ``model`` (its config, and its names: ``hf_names.to_hf_key``).
 
     Reads peft's layout and ours; raises ``ValueError`` with the path on any problem.
     """
@@ -256,9 +263,9 @@ def read_adapter_dir(directory, model_config):
     if not isinstance(kind, str) or kind not in CONFIG_TYPES:
         raise ValueError(f"{cfg_path}: unknown peft_type {kind!r}; known: {sorted(CONFIG_TYPES)}")
     check_keys(raw, CONFIG_TYPES[kind], cfg_path)
-    check_same_base(raw.pop("base_model_config", None), model_config, cfg_path)  # (files before
+    check_same_base(raw.pop("base_model_config", None), model.config, cfg_path)  # (files before
     weights = os.path.join(directory, WEIGHTS_NAME)                              # peft's layout)
-    check_same_base(_saved_base(weights), model_config, weights)
+    check_same_base(_saved_base(weights), model.config, weights)
     file_tensors = load_tensors(weights)
     check_finite_floats(file_tensors, weights)
     tensors, keys = {}, {}
@@ -267,12 +274,12 @@ def read_adapter_dir(directory, model_config):
             name = ("prefix_encoder.prefix" if raw.get("peft_type") == "PREFIX_TUNING"
                     else "prompt_encoder.prompt")
         else:
-            name = _our_name(key, directory)
+            name = _our_name(key, directory, model)
         tensors[name], keys[name] = arr, key
     if PROMPT_KEY in file_tensors:                     # peft's numbering unless we said otherwise
         raw.setdefault("position_convention", "shift")
     if raw.get("peft_type") in ("LORA", "IA3") and any(k.startswith(ADAPTER_PREFIX) for k in file_tensors):
-        config = _config_from_hf(raw, tensors, {n: a.shape for n, a in tensors.items()}, model_config)
+        config = _config_from_hf(raw, tensors, {n: a.shape for n, a in tensors.items()}, model)
     else:
         config = PeftConfig.from_dict(raw, cfg_path)
     return config, tensors, keys
@@ -339,7 +346,7 @@ def _fill(live, tensors, keys, directory):
 
 def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
     """``cls(model, config)`` with the adapter saved in ``directory`` (validated on a copy first)."""
-    config, tensors, keys = read_adapter_dir(directory, model.config)
+    config, tensors, keys = read_adapter_dir(directory, model)
     trial = cls(copy.deepcopy(model), config, adapter_name)             # dry run on a copy
     _fill(trial.adapter_state_dict(adapter_name), dict(tensors), keys, directory)
     peft_model = cls(model, config, adapter_name)
@@ -351,7 +358,7 @@ def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=
 
 def load_adapter(peft_model, directory, adapter_name, is_trainable=False):
     """Add the adapter saved in ``directory`` under ``adapter_name`` (not activated)."""
-    config, tensors, keys = read_adapter_dir(directory, peft_model.config)
+    config, tensors, keys = read_adapter_dir(directory, peft_model.base_model)
     trial = copy.deepcopy(peft_model)
     trial.add_adapter(adapter_name, config)
     _fill(trial.adapter_state_dict(adapter_name), dict(tensors), keys, directory)

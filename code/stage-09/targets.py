@@ -3,9 +3,10 @@
 * a list (or tuple/set) of names matches a module whose dotted name equals an entry
   or ends with ``"." + entry`` (so ``"q_proj"`` matches ``layers.0.self_attn.q_proj``);
 * a string is a full regular-expression match on the dotted name, except
-  ``"all-linear"``: every linear layer of the model (the LM head is tied to the
-  embedding here, so there is no output layer to leave out, as ``peft`` does);
-* ``layers_to_transform`` (ints) keeps only modules under ``layers.{i}.``.
+  ``"all-linear"``: every linear layer of the model but the output layer, as in
+  ``peft`` (the mini GPT's head is tied to the embedding; a loaded OPT may have an
+  untied ``lm_head``, which is left out);
+* ``layers_to_transform`` (ints) keeps only modules under ``layers.{i}.`` (GPT-2: ``h.{i}.``).
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ ALL_LINEAR = "all-linear"
 
 def matches(name: str, target_modules) -> bool:
     if target_modules == ALL_LINEAR:
-        return True
+        return name != "lm_head"                            # an untied head is the output layer
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 def layer_index(name: str):
-    m = re.match(r"(?:.*\.)?layers\.(\d+)\.", name)
+    m = re.match(r"(?:.*\.)?(?:layers|h)\.(\d+)\.", name)     # OPT/ours: layers.i, GPT-2: h.i
     return int(m.group(1)) if m else None
 
 

@@ -28,12 +28,12 @@ DOC = ROOT / "docs" / "ARCHITECTURE.md"
 # only from its own layer or below.
 CORE_LAYERS = [
     ["validate", "nn", "targets", "nf4", "gradcheck"],
-    ["minigpt", "quantization", "optim", "accounting"],
+    ["minigpt", "gpt2", "quantization", "quantized_embedding", "optim", "accounting"],
     ["lora", "adapters", "soft_prompts", "dora", "peft_config"],
     ["peft_base", "peft_methods", "ia3", "bottleneck"],
-    ["checkpoint", "hf_names", "peft_io"],
+    ["checkpoint", "hf_names", "peft_io", "hf_tokenizer"],
     ["peft_model"],
-    ["hf_export", "peft"],
+    ["hf_export", "peft", "hf_import"],
 ]
 
 

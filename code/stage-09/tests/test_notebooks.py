@@ -17,7 +17,7 @@ from viz import run_notebook
 
 NB_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "notebooks")
 EXPECTED = ["01_the_finetuning_problem", "02_lora", "03_adapters", "04_prefix_and_prompt_tuning",
-            "05_qlora", "06_choosing_a_method"]
+            "05_qlora", "06_choosing_a_method", "08_bring_a_real_model"]
 NOTEBOOKS = [os.path.join(NB_DIR, name + ".ipynb") for name in EXPECTED]
 QUICK_TIMEOUT = 300          # seconds per cell; quick mode needs a few seconds per notebook
 
