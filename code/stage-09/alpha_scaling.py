@@ -20,10 +20,11 @@ gradient's size, and the ``r`` columns of ``B`` grow aligned with their rows of
 ``scaling = alpha / r`` that is ``alpha * lr``: the rank drops out. Without it the
 best learning rate should fall like ``1 / r``.
 
-Each run is scored on a *validation* set: examples of the task's training split
-(never the fixed test set) whose prompts are not in the run's training data. The
-best learning rate per rank is the one with the lowest validation answer
-cross-entropy. Results: ``results/alpha_r/`` (``runs.csv``, ``alpha_r.png``,
+Every run is ``compare.finetune`` with ``compare.run_spec``'s settings for
+``lora_all`` (steps, batch, training set, schedule, clipping), only the rank,
+``lora_alpha`` and the learning rate changed, and is scored on the task's validation
+split (``tasks.validation_set``, never the test set). The best learning rate per rank
+is the one with the lowest validation answer cross-entropy. Results: ``results/alpha_r/`` (``runs.csv``, ``alpha_r.png``,
 ``README.md``).
 """
 from __future__ import annotations
@@ -39,20 +40,18 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from checkpoint import atomic_write_text, load_model  # noqa: E402
-from compare import RESULTS_DIR, RunSpec  # noqa: E402
+from checkpoint import atomic_write_text  # noqa: E402
+from compare import RESULTS_DIR, STEPS, finetune, run_spec  # noqa: E402
 from peft_config import ALL_LINEARS  # noqa: E402
-from peft_model import LoraConfig, get_peft_model  # noqa: E402
-from pretrain import PRETRAINED_DIR, machine  # noqa: E402
-from tasks import make_examples  # noqa: E402
-from train import eval_loss, evaluate, train  # noqa: E402
+from peft_model import LoraConfig  # noqa: E402
+from pretrain import machine  # noqa: E402
+from tasks import validation_set  # noqa: E402
+from train import eval_loss, evaluate  # noqa: E402
 
 TASK = "add3"
 RANKS = (2, 8, 32)
 ALPHA = 8
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-STEPS = 300                      # compare.py's default run length
-VALIDATION_SEED = 1              # training data is make_examples(task, n, seed=0)
 OUT_DIR = os.path.join(RESULTS_DIR, "alpha_r")
 SCHEMES = ("alpha/r", "no scaling")
 
@@ -64,27 +63,15 @@ def lora_alpha(scheme: str, r: int) -> float:
     return ALPHA if scheme == "alpha/r" else r
 
 
-def validation_set(task, n, train_examples):
-    """``n`` examples of the training split whose prompts the training set lacks."""
-    seen = {tuple(p) for p, _ in train_examples}
-    pool = make_examples(task, 4 * n, seed=VALIDATION_SEED)
-    fresh = [ex for ex in pool if tuple(ex[0]) not in seen]
-    if len(fresh) < n:
-        raise ValueError(f"only {len(fresh)} unseen prompts for {task!r}, wanted {n}")
-    return fresh[:n]
-
-
-def run_one(scheme, r, lr, steps, n_train, batch_size, n_val, seed=0):
-    base = load_model(PRETRAINED_DIR)
+def run_one(scheme, r, lr, steps, n_val, seed=0):
+    """One run of the comparison's recipe with this rank, ``lora_alpha`` and rate."""
+    spec = run_spec("lora_all", TASK, seed=seed, steps=steps, lr=lr)
     config = LoraConfig(r=r, lora_alpha=lora_alpha(scheme, r), target_modules=ALL_LINEARS)
-    model = get_peft_model(base, config, seed=seed)
-    data = make_examples(TASK, n_train, seed=0)
-    val = validation_set(TASK, n_val, data)
-    history = train(model, data, steps, lr=lr, batch_size=batch_size, seed=seed, progress=False,
-                    warmup_steps=max(1, steps // 20))
+    model, _, losses, _ = finetune(spec, config)
+    val = validation_set(TASK, n_val)
     return {"scheme": scheme, "rank": r, "lora_alpha": lora_alpha(scheme, r),
             "scaling": lora_alpha(scheme, r) / r, "lr": lr, "seed": seed, "steps": steps,
-            "final_train_loss": float(history["losses"][-1]),
+            "final_train_loss": losses[-1],
             "val_ce": eval_loss(model, val), "val_accuracy": evaluate(model, val)}
 
 
@@ -200,8 +187,8 @@ def readme(rows, made_by) -> str:
     for scheme in SCHEMES:
         cells = [f"{best[(scheme, r)]:g}" for r in sorted({r['rank'] for r in rows})]
         lines.append(f"| {scheme} | " + " | ".join(cells) + f" | {spread[scheme]:g} |")
-    lines += ["", "Best = lowest validation answer cross-entropy (validation: unseen prompts of the "
-              "training split, never the test set). Every run: `runs.csv`; plot: `alpha_r.png`."]
+    lines += ["", "Best = lowest validation answer cross-entropy (`tasks.validation_set`, never the test "
+              "set). Every run: `runs.csv`; plot: `alpha_r.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -213,11 +200,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.replot:
         return replot(a.out)
-    spec = RunSpec("lora_all", TASK, seed=0, steps=20 if a.quick else STEPS)
-    n_val = 50 if a.quick else 300
+    steps, n_val = (20, 50) if a.quick else (STEPS, 300)
     start = time.perf_counter()
-    rows = [run_one(s, r, lr, spec.steps, spec.n_train, spec.batch_size, n_val)
-            for s, r, lr in plan(a.quick)]
+    rows = [run_one(s, r, lr, steps, n_val) for s, r, lr in plan(a.quick)]
     rows = with_shared_runs(rows)
     minutes = (time.perf_counter() - start) / 60
     command = "python code/stage-09/alpha_scaling.py" + (" --quick" if a.quick else "")

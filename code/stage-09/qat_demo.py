@@ -4,8 +4,8 @@
     python code/stage-09/qat_demo.py --quick     # one width, short runs (the tests use it)
 
 For each weight width, two full fine-tuning runs of the shipped base on ``TASK``,
-with the same data, steps, batch and learning rate (full fine-tuning's, from
-``compare.METHODS``):
+with the comparison's settings for full fine-tuning (``compare.run_spec``: steps,
+batch, training set, and the learning rate chosen on validation data):
 
 * **PTQ**: train in float, then round every linear weight of the blocks to ``bits``
   bits (symmetric, one scale per output row: ``qat.quantize_weights``);
@@ -28,7 +28,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 from checkpoint import atomic_write_text, load_model  # noqa: E402
-from compare import METHODS, RESULTS_DIR, RunSpec  # noqa: E402
+from compare import RESULTS_DIR, STEPS, run_spec  # noqa: E402
 from pretrain import PRETRAINED_DIR, machine  # noqa: E402
 from qat import convert, prepare_qat, quantize_weights  # noqa: E402
 from tasks import fixed_test_set, make_examples  # noqa: E402
@@ -36,29 +36,32 @@ from train import evaluate, train  # noqa: E402
 
 TASK = "sort_desc"
 BITS = (8, 4, 3, 2)
-STEPS = 300                      # compare.py's default run length
 OUT_DIR = os.path.join(RESULTS_DIR, "qat")
 
 
-def finetune(bits, qat, steps, n_train, batch_size, seed=0):
-    """Full fine-tuning of the base; ``qat=True`` trains through ``bits``-bit weights."""
+def finetune(bits, qat, spec):
+    """Full fine-tuning of the base with ``spec``'s recipe (``train.train`` draws the same
+    batches, warm-up and clipping as ``compare.finetune``); ``qat=True`` trains through
+    ``bits``-bit weights."""
     model = load_model(PRETRAINED_DIR)
     if qat:
         prepare_qat(model, bits)
-    train(model, make_examples(TASK, n_train, seed=0), steps, lr=METHODS["full"].lr,
-          batch_size=batch_size, seed=seed, progress=False, warmup_steps=max(1, steps // 20))
+    train(model, make_examples(TASK, spec.n_train, seed=0), spec.steps, lr=spec.lr,
+          batch_size=spec.batch_size, seed=spec.seed, progress=False,
+          warmup_steps=max(1, spec.steps // 20), grad_clip=spec.grad_clip)
     return model
 
 
 def compare_ptq_qat(bits, steps=STEPS, n_test=500, seed=0) -> dict:
     """Test accuracy of the float model, its PTQ rounding, and the QAT model, at ``bits``."""
-    spec = RunSpec("full", TASK, seed=seed, steps=steps)
+    spec = run_spec("full", TASK, seed=seed, steps=steps)
     tests = fixed_test_set(TASK, n_test)
-    model = finetune(bits, False, steps, spec.n_train, spec.batch_size, seed)
+    model = finetune(bits, False, spec)
     float_acc = evaluate(model, tests)
     ptq_acc = evaluate(quantize_weights(model, bits), tests)
-    qat_model = convert(finetune(bits, True, steps, spec.n_train, spec.batch_size, seed))
-    return {"bits": bits, "task": TASK, "steps": steps, "seed": seed, "float_accuracy": float_acc,
+    qat_model = convert(finetune(bits, True, spec))
+    return {"bits": bits, "task": TASK, "steps": steps, "seed": seed, "lr": spec.lr,
+            "float_accuracy": float_acc,
             "ptq_accuracy": ptq_acc, "qat_accuracy": evaluate(qat_model, tests)}
 
 
@@ -71,12 +74,12 @@ def table(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 bits only, 60 steps, 200 test examples")
+    p.add_argument("--quick", action="store_true", help="2 bits only, 150 steps, 200 test examples")
     p.add_argument("--out", default=OUT_DIR)
     a = p.parse_args(argv)
     start = time.perf_counter()
     if a.quick:
-        rows = [compare_ptq_qat(2, steps=60, n_test=200)]
+        rows = [compare_ptq_qat(2, steps=150, n_test=200)]
     else:
         rows = [compare_ptq_qat(b) for b in BITS]
     minutes = (time.perf_counter() - start) / 60

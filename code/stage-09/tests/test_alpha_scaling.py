@@ -12,16 +12,6 @@ def test_schemes_set_the_scaling():
         al.lora_alpha("other", 4)
 
 
-def test_validation_set_is_disjoint_from_training_and_test():
-    from tasks import fixed_test_set, make_examples
-    train = make_examples(al.TASK, 500, seed=0)
-    val = al.validation_set(al.TASK, 100, train)
-    prompts = {tuple(p) for p, _ in val}
-    assert len(val) == 100
-    assert not prompts & {tuple(p) for p, _ in train}
-    assert not prompts & {tuple(p) for p, _ in fixed_test_set(al.TASK, 500)}
-
-
 def rows(scheme, ces):
     return [{"scheme": scheme, "rank": r, "lr": lr, "val_ce": ce}
             for (r, lr), ce in ces.items()]
