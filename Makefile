@@ -23,7 +23,7 @@ test: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
-	cd code/stage-09 && ../../$(PY) bench.py && ../../$(PY) bench_peft.py
+	$(PY) bench/bench.py && $(PY) bench/bench_peft.py
 
 clean:
 	rm -rf $(VENV)

@@ -49,9 +49,12 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
                          adapter_bottleneck=64, prefix_length=10, prompt_length=20) -> dict:
     """Trainable parameters of each method, counted the course's way.
 
-    Full fine-tuning counts the attention weights only (4 d^2 per layer), the
-    base the others are compared against. LoRA sits on Q and V; adapters are two
-    per layer without biases; prefix tuning stores keys and values per layer.
+    The ``full_fine_tuning`` row counts the **attention weights only** (4 d^2 per
+    layer: 2,147,483,648 at the 7B defaults), the base the others' ``ratio`` is
+    taken against -- not the whole model, which also has its MLP, embeddings and
+    norms (``llama_parameter_count``: 6,738,415,616 for LLaMA-7B). LoRA sits on Q
+    and V; adapters are two per layer without biases; prefix tuning stores keys
+    and values per layer.
     """
     for name, value in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads),
                         ("lora_rank", lora_rank), ("adapter_bottleneck", adapter_bottleneck),
@@ -62,7 +65,7 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
     d_head = d_model // num_heads
     full = num_layers * 4 * d_model * d_model
     rows = {
-        "full_fine_tuning": (full, "update every attention weight"),
+        "full_fine_tuning": (full, "attention weights only (4 d^2 per layer), not the whole model"),
         "lora": (num_layers * 2 * lora_rank * 2 * d_model,
                  f"rank-{lora_rank} updates B A on W_q and W_v"),
         "adapters": (num_layers * 2 * 2 * d_model * adapter_bottleneck,
@@ -74,6 +77,24 @@ def compare_peft_methods(d_model=4096, num_layers=32, num_heads=32, lora_rank=8,
     }
     return {name: {"params": p, "ratio": p / full, "description": desc}
             for name, (p, desc) in rows.items()}
+
+
+def llama_parameter_count(d_model=4096, num_layers=32, d_ff=11008, vocab_size=32000,
+                          tied_embeddings=False) -> dict:
+    """Every parameter of a LLaMA-style decoder (multi-head attention, gated MLP, RMSNorm).
+
+    Per layer: q, k, v, o (``4 d^2``, no biases), the gated MLP's gate, up and down
+    projections (``3 d d_ff``) and two norm weights (``2 d``); plus the token
+    embedding, the LM head (unless tied) and the final norm. The defaults are
+    LLaMA-7B's (6,738,415,616); ``d_model=8192, num_layers=80, d_ff=22016`` is
+    LLaMA-65B's. Not for grouped-query models (LLaMA-2-70B), whose k and v are smaller.
+    """
+    attention = num_layers * 4 * d_model * d_model
+    mlp = num_layers * 3 * d_model * d_ff
+    embeddings = vocab_size * d_model * (1 if tied_embeddings else 2)
+    norms = d_model * (2 * num_layers + 1)
+    return {"attention": attention, "mlp": mlp, "embeddings": embeddings, "norms": norms,
+            "total": attention + mlp + embeddings + norms}
 
 
 def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer="adamw",
@@ -120,6 +141,24 @@ def estimate_finetune_memory(num_params, method="full", dtype="fp32", optimizer=
             "optimizer_states": states, "total": total, "total_gb": total / 1e9,
             "trainable_params": trainable,
             "bytes_per_param": total / num_params}
+
+
+def step_matmul_flops(config, batch, seq, trainable=True) -> int:
+    """Matmul FLOPs of one training step of the mini GPT (2 per multiply-add), counted by hand.
+
+    ``config``: a ``GPTConfig`` (``d_model``, ``vocab_size``, ``n_layers``).
+    Forward: ``2 N in out`` per linear (N = batch*seq tokens; q, k, v, out_proj,
+    fc1, fc2), ``QK^T`` and ``AV`` at ``2 B T T D`` each (the masked half is
+    computed too), and the tied head ``2 N D V``. Backward: two matmuls per
+    trainable weight (dx and dW), one per frozen weight (its dW is skipped);
+    attention always needs four (dA, dV, dQ, dK).
+    """
+    N, D, V = batch * seq, config.d_model, config.vocab_size
+    linears = 2 * N * (4 * D * D + 2 * D * 4 * D)           # per layer, forward
+    attention = 2 * (2 * batch * seq * seq * D)             # per layer, forward
+    head = 2 * N * D * V
+    weight_passes = 3 if trainable else 2                   # forward + backward
+    return config.n_layers * (weight_passes * linears + 3 * attention) + weight_passes * head
 
 
 def memory_report(model, optimizer=None) -> dict:

@@ -101,6 +101,11 @@ class CausalSelfAttention(Module):
     the padding mask); among the real tokens the usual causal mask applies.
     After ``backward`` the prefix gradient is in ``self.prefix_grad`` (same shapes).
 
+    Reading copy: ``attention_reference.py`` holds the same layer as textbook pure
+    functions (``(B, H, T, S)`` scores, no ``out=`` views) with the derivation of
+    every backward line; ``tests/test_attention_reference.py`` proves the two equal,
+    forward and backward. Read that file first, then this one.
+
     Speed (the maths is the textbook one): the weights are stored key-major,
     ``att[s, b, h, t]``, so the softmax's max and sum reduce over the first axis,
     which NumPy vectorises across all rows at once (over a short last axis they are
@@ -170,6 +175,7 @@ class CausalSelfAttention(Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # (B, H, P+T, dh) views
         allowed = self.build_mask(T, P, attention_mask)     # (B|1, 1, T, P+T)
         zero, masked = q.dtype.type(0), q.dtype.type(_MASKED)
+        # attention_reference.attention_forward, in the key-major layout att[s, b, h, t]:
         att = np.empty_like(q, shape=(P + T, B, H, T), order="C")   # key-major: att[s, b, h, t]
         np.matmul(k, q.swapaxes(-1, -2), out=att.transpose(1, 2, 0, 3))   # k q^T (B, H, P+T, T)
         att += np.where(allowed, zero, masked).transpose(3, 0, 1, 2)  # masked keys -> -1e30
@@ -204,6 +210,7 @@ class CausalSelfAttention(Module):
         dy = self._split(dy, B, T)                          # (B, H, T, dh)
         empty = lambda *shape: np.empty_like(dy, shape=shape, dtype=dt, order="C")  # noqa: E731
         dscores = empty(S, B, H, T)                         # key-major, like att
+        # attention_reference.attention_backward, line by line, in the key-major layout:
         np.matmul(v, dy.swapaxes(-1, -2), out=dscores.transpose(1, 2, 0, 3))  # datt^T = v dy^T
         # softmax backward: dscores = att * (datt - sum_s(datt * att))
         dscores -= np.einsum("sbht,sbht->bht", dscores, att)

@@ -35,7 +35,7 @@ import numpy as np
 
 from accounting import (compare_peft_methods, compute_parameter_efficiency,  # noqa: F401
                         count_frozen_parameters, count_trainable_parameters,
-                        estimate_finetune_memory, memory_report)
+                        estimate_finetune_memory, llama_parameter_count, memory_report)
 from adapters import Adapter, adapter_backward, adapter_forward  # noqa: F401
 from lora import (LinearWrapper, LoRALayer, LoRALinear, apply_lora_to_attention,  # noqa: F401
                   lora_backward, lora_forward)
@@ -69,7 +69,9 @@ def demo():
     prompt = PromptTuning(512, prompt_length=20)
     print(f"Soft prompt: {prompt.num_parameters():,} parameters, "
           f"{x.shape} -> {prompt.forward(x).shape}")
-    print("\nTrainable parameters at 7B scale (d_model 4096, 32 layers, 32 heads):")
+    total = llama_parameter_count()["total"]
+    print("\nTrainable parameters at 7B scale (d_model 4096, 32 layers, 32 heads), counted the")
+    print(f"course's way: % of the attention weights (the first row), not of all {total:,}:")
     table = compare_peft_methods()
     for name, row in table.items():
         print(f"  {name:17s} {row['params']:>15,}  {row['ratio']:9.5%}  {row['description']}")

@@ -78,3 +78,18 @@ def test_memory_report_counts_packed_nf4_bytes():
     assert quantized_bytes <= 0.15 * float_bytes
     assert peft.get_nb_trainable_parameters()[1] == sum(
         p.size for _, p in GPT(cfg).named_parameters()) + peft.get_nb_trainable_parameters()[0]
+
+
+def test_llama_parameter_counts_match_the_published_models():
+    """LLaMA-7B and -65B as released: 6,738,415,616 and 65,285,660,672 parameters."""
+    from accounting import llama_parameter_count
+    assert llama_parameter_count()["total"] == 6_738_415_616
+    assert llama_parameter_count(d_model=8192, num_layers=80, d_ff=22016)["total"] == 65_285_660_672
+
+
+def test_course_table_full_row_is_labelled_attention_only():
+    """The course's 2,147,483,648 'full fine-tuning' row is the 7B model's attention weights."""
+    from accounting import compare_peft_methods, llama_parameter_count
+    full = compare_peft_methods()["full_fine_tuning"]
+    assert full["params"] == llama_parameter_count()["attention"]
+    assert "attention weights only" in full["description"]

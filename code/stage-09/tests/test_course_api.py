@@ -1,4 +1,4 @@
-"""The course text's API (../shared/COURSE_API.md): every name, argument, attribute and shape."""
+"""The course text's API (docs/COURSE_API.md): every name, argument, attribute and shape."""
 import subprocess
 import sys
 from pathlib import Path

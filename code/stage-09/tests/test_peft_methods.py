@@ -1,4 +1,4 @@
-"""The invariants every PEFT method is tested for (STYLE.md, point 5), method by method.
+"""The invariants every PEFT method is tested for (docs/DESIGN.md, "How the code reads", rule 5), method by method.
 
 For each config below, through ``get_peft_model`` on the mini GPT:
 whole-model gradient check (float64, zero-inits randomised, tol 1e-6); only the

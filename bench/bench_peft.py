@@ -1,6 +1,6 @@
 """What each PEFT method costs per training step, in memory and at inference, beside PyTorch.
 
-Run ``python bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
+Run ``python bench/bench_peft.py`` (a few minutes; ``--quick`` for a rough look,
 ``--no-torch`` to skip PyTorch and Hugging Face). For both configs of ``bench.py``
 (batch 32, float32) it prints one table:
 
@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
+from bench import (CONFIGS, SEQ, STAGE, OtherLoad, Timing, machine_line, make_batch,  # noqa: I001
+                   parse_args, training_step)  # first: puts code/stage-09 on sys.path
 from accounting import memory_report
-from bench import (CONFIGS, SEQ, OtherLoad, Timing, machine_line, make_batch, parse_args,
-                   training_step)
 from data_parallel import DataParallel, keep_freed_memory, usable_cores
 from hf_export import opt_config
 from minigpt import GPT
@@ -182,7 +182,8 @@ def _torch_child():
 
     Runs as ``python -E -c <this source>`` in an empty directory (``TorchSide``), so
     ``import peft`` finds Hugging Face's package, not our peft.py; our directory is
-    appended to ``sys.path`` only afterwards, for ``torch_reference.build_torch``.
+    appended to ``sys.path`` only afterwards (bench/ for ``torch_reference.build_torch``,
+    code/stage-09 for the model it builds).
     """
     import json
     import sys
@@ -199,7 +200,7 @@ def _torch_child():
         versions.update(transformers=transformers.__version__, peft=peft.__version__)
     except ImportError:
         peft = transformers = None
-    sys.path.append(setup["here"])
+    sys.path.extend(setup["paths"])
     from torch_reference import build_torch
     from data_parallel import keep_freed_memory
     keep_freed_memory()                         # as in the parent: no page faults on reuse
@@ -238,7 +239,7 @@ def _torch_child():
 class TorchSide:
     """The PyTorch and Hugging Face contestants, alive in a child process.
 
-    In this process ``import peft`` would find our peft.py (this directory leads
+    In this process ``import peft`` would find our peft.py (code/stage-09 is on
     ``sys.path``), so Hugging Face's ``peft`` lives in a child started with ``-E``
     (no PYTHONPATH) in an empty directory. ``step(name)`` asks it for one step and
     returns the milliseconds the child measured, so the pipe costs nothing.
@@ -249,7 +250,7 @@ class TorchSide:
         source = inspect.getsource(_torch_child) + "\n_torch_child()\n"
         self.proc = subprocess.Popen([sys.executable, "-E", "-c", source], cwd=self._dir.name,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        setup = dict(here=HERE, threads=threads(), config=config.to_dict(),
+        setup = dict(paths=[HERE, STAGE], threads=threads(), config=config.to_dict(),
                      opt_config=opt_config(config), tokens=tokens.tolist(),
                      targets=targets.tolist(), qv=QV, all_linears=list(ALL_LINEARS))
         hello = json.loads(self._ask(json.dumps(setup)))

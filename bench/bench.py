@@ -1,6 +1,6 @@
 """How fast is one training step of the NumPy mini GPT, and how far from the hardware?
 
-Run ``python bench.py`` (about two minutes; ``--quick`` for a rough look,
+Run ``python bench/bench.py`` (about two minutes; ``--quick`` for a rough look,
 ``--no-torch`` to skip PyTorch). For two model sizes it prints
 
 * the median milliseconds of one training step -- forward, cross-entropy,
@@ -10,7 +10,7 @@ Run ``python bench.py`` (about two minutes; ``--quick`` for a rough look,
   full step once more split across one process per core ("full, data-par.",
   ``data_parallel.DataParallel``: both cores busy, the same gradients);
 * the same architecture in PyTorch eager, timed in the same process, and the ratio;
-* the matmul FLOPs of a step counted by hand, and the GFLOP/s achieved as a
+* the matmul FLOPs of a step counted by hand (``accounting.step_matmul_flops``), and the GFLOP/s achieved as a
   fraction of this machine's float32 matmul throughput, measured in the same run.
 
 Contestants are timed in alternating blocks of steps (A B C A B C ...), and a
@@ -29,17 +29,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from data_parallel import DataParallel, keep_freed_memory, usable_cores
-from minigpt import GPT, GPTConfig
-from nn import cross_entropy
-from optim import AdamW
-from torch_reference import build_torch, torch_available
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGE = os.path.join(HERE, "..", "code", "stage-09")       # the course module being timed
+if STAGE not in sys.path:
+    sys.path.insert(1, STAGE)                               # after bench/ itself
+
+from accounting import step_matmul_flops  # noqa: E402
+from data_parallel import DataParallel, keep_freed_memory, usable_cores  # noqa: E402
+from minigpt import GPT, GPTConfig  # noqa: E402
+from nn import cross_entropy  # noqa: E402
+from optim import AdamW  # noqa: E402
+from torch_reference import build_torch, torch_available  # noqa: E402
 
 BATCH, SEQ = 32, 64
 CONFIGS = {
@@ -122,23 +129,6 @@ def build_data_parallel(config):
     return DataParallel(model, processes=usable_cores()), AdamW(model, lr=1e-3)
 
 
-def step_matmul_flops(config: GPTConfig, batch=BATCH, seq=SEQ, trainable=True) -> int:
-    """Matmul FLOPs of one training step (2 per multiply-add), counted by hand.
-
-    Forward: ``2 N in out`` per linear (N = batch*seq tokens; q, k, v, out_proj,
-    fc1, fc2), ``QK^T`` and ``AV`` at ``2 B T T D`` each (the masked half is
-    computed too), and the tied head ``2 N D V``. Backward: two matmuls per
-    trainable weight (dx and dW), one per frozen weight (its dW is skipped);
-    attention always needs four (dA, dV, dQ, dK).
-    """
-    N, D, V = batch * seq, config.d_model, config.vocab_size
-    linears = 2 * N * (4 * D * D + 2 * D * 4 * D)           # per layer, forward
-    attention = 2 * (2 * batch * seq * seq * D)             # per layer, forward
-    head = 2 * N * D * V
-    weight_passes = 3 if trainable else 2                   # forward + backward
-    return config.n_layers * (weight_passes * linears + 3 * attention) + weight_passes * head
-
-
 @dataclass
 class Row:
     """One benchmark row. ``build(config) -> (model, optimizer or None)``.
@@ -154,11 +144,11 @@ class Row:
 
 ROWS = [
     Row("full fine-tuning", build_full, torch="full",
-        flops=lambda c: step_matmul_flops(c, trainable=True)),
+        flops=lambda c: step_matmul_flops(c, BATCH, SEQ, trainable=True)),
     Row("frozen base", build_frozen, torch="frozen",
-        flops=lambda c: step_matmul_flops(c, trainable=False)),
+        flops=lambda c: step_matmul_flops(c, BATCH, SEQ, trainable=False)),
     Row("full, data-par.", build_data_parallel, torch="full",
-        flops=lambda c: step_matmul_flops(c, trainable=True)),
+        flops=lambda c: step_matmul_flops(c, BATCH, SEQ, trainable=True)),
 ]
 
 
