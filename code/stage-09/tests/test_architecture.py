@@ -26,9 +26,9 @@ DOC = ROOT / "docs" / "ARCHITECTURE.md"
 # The PEFT core's layers, bottom to top (docs/ARCHITECTURE.md): a module may import
 # only from its own layer or below.
 CORE_LAYERS = [
-    ["validate", "module", "nn", "targets", "nf4", "gradcheck"],
-    ["minigpt", "gpt2", "quantization", "quantized_embedding", "optim", "accounting"],
-    ["lora", "adapters", "soft_prompts", "dora", "peft_config"],
+    ["validate", "module", "nn", "targets", "nf4", "gradcheck", "attention_reference", "generate"],
+    ["minigpt", "gpt2", "quantization", "quantized_embedding", "optim", "accounting", "qat"],
+    ["lora", "adapters", "soft_prompts", "dora", "trainable_tokens", "peft_config"],
     ["peft_base", "peft_methods", "ia3", "bottleneck"],
     ["checkpoint", "hf_names", "peft_io", "hf_tokenizer"],
     ["peft_model"],
