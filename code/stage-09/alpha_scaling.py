@@ -186,7 +186,7 @@ def readme(rows, made_by) -> str:
              + " | largest / smallest |", "|---|" + "---|" * (len({r['rank'] for r in rows}) + 1)]
     for scheme in SCHEMES:
         cells = [f"{best[(scheme, r)]:g}" for r in sorted({r['rank'] for r in rows})]
-        lines.append(f"| {scheme} | " + " | ".join(cells) + f" | {spread[scheme]:g} |")
+        lines.append(f"| {scheme} | " + " | ".join(cells) + f" | {spread[scheme]:.3g} |")
     lines += ["", "Best = lowest validation answer cross-entropy (`tasks.validation_set`, never the test "
               "set). Every run: `runs.csv`; plot: `alpha_r.png`."]
     return "\n".join(lines) + "\n"

@@ -261,8 +261,8 @@ def _alpha_result():
     rows = read_runs(path)
     spread, sens = best_lr_spread(rows), rank_sensitivity(rows)
     text = (f"r in {RANKS}, same lr: validation CE differs across r by up to {sens['alpha/r']:.1f}x "
-            f"with alpha/r, {sens['no scaling']:,.0f}x without; best lr moves {spread['alpha/r']:g}x "
-            f"vs {spread['no scaling']:g}x")
+            f"with alpha/r, {sens['no scaling']:,.0f}x without; best lr moves {spread['alpha/r']:.3g}x "
+            f"vs {spread['no scaling']:.3g}x")
     ok = sens["alpha/r"] < sens["no scaling"] and spread["alpha/r"] <= spread["no scaling"]
     return text, "reproduced" if ok else "not reproduced"
 
