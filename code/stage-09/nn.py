@@ -73,6 +73,16 @@ def scatter_add_rows(ids, rows, num_rows):
     return out
 
 
+def embedding_ids(ids, num_embeddings):
+    """``ids`` as an array, refused with the offending index when a row does not exist."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_embeddings):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"index {bad} out of range for an embedding of "
+                         f"{num_embeddings} rows (valid: 0..{num_embeddings - 1})")
+    return ids
+
+
 class Embedding(Module):
     """Row lookup ``weight[ids]``; backward scatters rows back (``scatter_add_rows``)."""
 
@@ -87,11 +97,7 @@ class Embedding(Module):
         self.weight = (rng.standard_normal((num_embeddings, dim)) * std).astype(dtype)
 
     def forward(self, ids):
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
-            bad = ids.min() if ids.min() < 0 else ids.max()
-            raise ValueError(f"index {bad} out of range for an embedding of "
-                             f"{self.num_embeddings} rows (valid: 0..{self.num_embeddings - 1})")
+        ids = embedding_ids(ids, self.num_embeddings)
         self.ids = ids
         return self.weight[ids]                             # (*ids.shape, dim)
 

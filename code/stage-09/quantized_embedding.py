@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from nf4 import NF4_CODEBOOK, quantize_nf4, unpack_4bit
-from nn import Embedding, Module, set_submodule
+from nn import Embedding, Module, embedding_ids, set_submodule
 
 
 class QuantizedEmbedding(Module):
@@ -44,11 +44,7 @@ class QuantizedEmbedding(Module):
 
     def forward(self, ids):
         """Rows ``ids`` (any shape) -> ``(*ids.shape, dim)``: only their blocks are decoded."""
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
-            bad = ids.min() if ids.min() < 0 else ids.max()
-            raise ValueError(f"index {bad} out of range for an embedding of {self.num_embeddings} "
-                             f"rows (valid: 0..{self.num_embeddings - 1})")
+        ids = embedding_ids(ids, self.num_embeddings)
         self.ids = ids
         q, D = self.quant_state, self.dim
         rows = ids.reshape(-1)                                              # (N,)
