@@ -57,7 +57,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from nn import IGNORE_INDEX, cross_entropy, parameter_owner
+from nn import IGNORE_INDEX, blas_controller, cross_entropy, parameter_owner
 from validate import check_int, check_number
 
 _ALIGN = 64                      # bytes: each array starts on its own cache line
@@ -91,15 +91,13 @@ def _blas_controller():
     """threadpoolctl's handle on this process's BLAS, or ``None`` (with a warning) when the
     package is missing: the step is then still correct, only slower, because this
     process's BLAS threads compete with the workers for the cores."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
+    blas = blas_controller()
+    if blas is None:
         warnings.warn("threadpoolctl is not installed, so this process's BLAS keeps all its "
                       "threads beside the data-parallel workers (slower, not wrong); "
                       "`pip install threadpoolctl`, or re-run `make test` / `pip install -e .`",
                       RuntimeWarning, stacklevel=3)
-        return None
-    return ThreadpoolController().select(user_api="blas")
+    return blas
 
 
 def keep_freed_memory() -> bool:

@@ -8,7 +8,9 @@ gradients, a frozen parameter's gradient matmul is skipped.
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -16,6 +18,49 @@ from module import Module, ModuleList, Parameter, parameter_owner, set_submodule
 from validate import as_array, check_int, check_number
 
 
+# ---- BLAS threads -------------------------------------------------------------
+_BLAS = []      # threadpoolctl's handle on NumPy's BLAS, made on first use
+
+
+def blas_controller():
+    """threadpoolctl's handle on NumPy's BLAS, or ``None`` when threadpoolctl is missing."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController().select(user_api="blas"))
+    return _BLAS[0]
+
+
+@contextmanager
+def one_blas_thread():
+    """Run the matmuls inside on one BLAS thread (without threadpoolctl: as they are).
+
+    A matmul split over BLAS threads pays a hand-off between them on every call. For a
+    big product (a projection over every token of the batch) that is nothing; for a
+    stacked one -- ``np.matmul`` on ``(B, H, T, d_head)`` arrays is ``B * H`` separate
+    BLAS calls -- and for LoRA's rank-``r`` products it is most of the time, and on a
+    machine whose other core is busy each hand-off can wait for the scheduler.
+    """
+    blas = blas_controller()
+    if blas is None:
+        yield
+        return
+    with blas.limit(limits=1):
+        yield
+
+
+def on_one_blas_thread(method):
+    """Decorator: ``method`` runs inside ``one_blas_thread()``."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with one_blas_thread():
+            return method(*args, **kwargs)
+    return wrapped
+
+
+# ---- layers ---------------------------------------------------------------------
 class Linear(Module):
     """``y = x @ W.T + b`` with ``W`` of shape ``(out_features, in_features)``.
 
