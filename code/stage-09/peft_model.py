@@ -29,7 +29,7 @@ import bottleneck  # noqa: F401  (registers BottleneckMethod)
 import ia3  # noqa: F401  (registers IA3Method)
 import peft_io
 import peft_methods  # noqa: F401  (registers LoRA, prefix, prompt, BitFit, full)
-from generate import generate
+from generate import generate, window_limit
 from nn import Module, parameter_owner, set_submodule
 from validate import adapter_name as check_adapter_name
 from optim import AdamW
@@ -102,6 +102,7 @@ class PeftModel(Module):
         base = self.base_model
         tokens = base.check_tokens(tokens)
         attention_mask = base.check_mask(attention_mask, tokens.shape)
+        self._check_fits(tokens.shape[1])
         prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
         self._prompt_len = 0
         if prompt is None:
@@ -117,11 +118,18 @@ class PeftModel(Module):
         """Position ids of the real tokens under a prefix (``None``: ``0..T-1``)."""
         if prefix is None or prefix.position_convention == "keep":
             return None
-        P, limit = prefix.prefix_length, self.base_model.config.context_length
-        if T > self.position_budget():
-            raise ValueError(f"{P} prefix positions + sequence length {T} = {P + T} exceeds "
-                             f"context_length {limit} (position_convention='shift')")
-        return np.arange(P, P + T)
+        return np.arange(prefix.prefix_length, prefix.prefix_length + T)
+
+    def _check_fits(self, T):
+        """``T`` real tokens and the virtual tokens' positions must fit the context
+        (``position_budget``); checked before anything runs."""
+        limit, budget = self.base_model.config.context_length, self.position_budget()
+        if T > budget:                      # (budget < limit: check_tokens caught T > limit)
+            taken = limit - budget
+            what, why = (("virtual tokens", "") if self._virtual_tokens()
+                         else ("prefix positions", " (position_convention='shift')"))
+            raise ValueError(f"{taken} {what} + sequence length {T} = {taken + T} exceeds "
+                             f"context_length {limit}{why}")
 
     def backward(self, dlogits):
         if any(getattr(w, "merged", False) for _, w in self.wrappers()):
@@ -147,18 +155,25 @@ class PeftModel(Module):
         return generate(self, tokens, max_new_tokens, eos_id=eos_id, **sampling)
 
     def _virtual_tokens(self):
+        """How many soft-prompt vectors ``forward`` puts in front of the tokens."""
         prompt = self._encoder("prompt_encoder")
         return prompt.prompt_length if prompt is not None else 0
 
+    def _first_position(self):
+        """The first real token's position in ``forward``: a soft prompt's or (without
+        one) a prefix's length under ``position_convention="shift"``, else 0."""
+        prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
+        if prompt is not None:
+            return prompt.prompt_length if prompt.position_convention == "shift" else 0
+        if prefix is not None and prefix.position_convention == "shift":
+            return prefix.prefix_length
+        return 0
+
     def position_budget(self) -> int:
         """How many real tokens fit: the context less the positions the active adapters
-        take (a soft prompt's virtual tokens; a prefix under ``position_convention="shift"``,
-        which moves the real tokens' positions up by its length). The one place that
-        decides it, for ``forward``'s check and ``generate``'s window alike."""
-        prefix = self._encoder("prefix_encoder")
-        shift = prefix.prefix_length if prefix is not None and \
-            prefix.position_convention == "shift" else 0
-        return self.base_model.config.context_length - self._virtual_tokens() - shift
+        take, by ``generate.window_limit`` -- the rule ``generate``'s window uses too."""
+        return window_limit(self.base_model.config.context_length, self._virtual_tokens(),
+                            self._first_position())
 
     # ---- adapters: add, switch, delete --------------------------------------
     def wrappers(self):
