@@ -318,7 +318,7 @@ def test_cli_writes_base_and_adapter(tmp_path):
 def test_cli_refuses_what_peft_cannot_express(tmp_path):
     run = run_cli(tmp_path, PromptTuningConfig(num_virtual_tokens=2))
     assert run.returncode == 2 and "error:" in run.stderr and "shift" in run.stderr, run.stderr
-    assert not (tmp_path / "hf" / "adapter").exists()
+    assert not (tmp_path / "hf").exists()           # checked before anything is written
 
 
 # ------------------------------------------------------------------ the real ecosystem
