@@ -6,6 +6,8 @@ config (same shapes: it would load without complaint), never half of each. The s
 holds for every other save of several files (``SAVERS``: the Hugging Face exports and
 import, the text base, adapters), which all go through ``checkpoint.atomic_directory``.
 """
+import argparse
+import importlib
 import os
 import stat
 
@@ -13,9 +15,14 @@ import numpy as np
 import pytest
 
 import checkpoint
+import hf_export
+import hf_import
+import hf_tokenizer
+import pretrain_text
 from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, load_into, load_model,
                         load_tensors, save_model, save_tensors)
 from minigpt import GPT, GPTConfig
+from peft_model import LoraConfig, get_peft_model
 
 CFG = GPTConfig(vocab_size=16, context_length=8, d_model=8, n_layers=1, n_heads=2)
 
@@ -156,43 +163,38 @@ def files_of(directory):
 
 
 def adapted(seed, base=None):
-    from peft_model import LoraConfig, get_peft_model
     model = get_peft_model(base or GPT(CFG, seed=0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     for _, p in model.named_parameters(trainable_only=True):
         p[...] = np.random.default_rng(seed).standard_normal(p.shape)
     return model
 
 
-def save_text_base(model, directory):
-    import pretrain_text
+def save_text_base(seed, directory):
+    """``pretrain_text.save_base`` with the shipped base's real report (for its model card)."""
     report = checkpoint.load_json(os.path.join(pretrain_text.PRETRAINED_TEXT_DIR,
                                                pretrain_text.REPORT_NAME))
-    pretrain_text.save_base(model, directory, report)
+    pretrain_text.save_base(GPT(CFG, seed=seed), directory, report)
 
 
 def hf_cli(seed, directory):
     """``hf_export.py --base ... --out directory --adapter ...``: the base and OUT/adapter."""
-    import argparse
-    import hf_export
     base, ours, model = directory + ".ckpt", directory + ".ours", GPT(CFG, seed=seed)
     save_model(model, base)
-    adapted(seed, model).save_pretrained(ours)
+    adapted(seed, model).save_pretrained(ours)          # (peft_io.save_json's first call)
     hf_export.export(argparse.Namespace(base=base, out=directory, adapter=ours, adapter_out=None))
 
 
-# name -> (save(seed, directory), the module whose writer fails, its name, the failing call)
+# name -> (save(seed, directory), the module whose writer fails, its name, which call fails)
 SAVERS = {
-    "hf_export.export_base": (lambda seed, d: __import__("hf_export").export_base(GPT(CFG, seed=seed), d),
+    "hf_export.export_base": (lambda seed, d: hf_export.export_base(GPT(CFG, seed=seed), d),
                               "hf_export", "save_json", 1),
-    "hf_export.export_adapter": (lambda seed, d: __import__("hf_export").export_adapter(adapted(seed), d),
+    "hf_export.export_adapter": (lambda seed, d: hf_export.export_adapter(adapted(seed), d),
                                  "peft_io", "save_json", 1),
-    "hf_export.py (base and adapter)": (hf_cli,
-                                        "peft_io", "save_json", 2),
+    "hf_export.py (base and adapter)": (hf_cli, "peft_io", "save_json", 2),
     "hf_import.save_gpt2_checkpoint": (
-        lambda seed, d: __import__("hf_import").save_gpt2_checkpoint(GPT(CFG, seed=seed), d),
+        lambda seed, d: hf_import.save_gpt2_checkpoint(GPT(CFG, seed=seed), d),
         "hf_import", "save_json", 1),
-    "pretrain_text.save_base": (lambda seed, d: save_text_base(GPT(CFG, seed=seed), d),
-                                "pretrain_text", "atomic_write_text", 1),
+    "pretrain_text.save_base": (save_text_base, "pretrain_text", "atomic_write_text", 1),
     "save_pretrained": (lambda seed, d: adapted(seed).save_pretrained(d), "peft_io", "save_json", 1),
 }
 
@@ -202,7 +204,6 @@ def test_every_multi_file_save_that_fails_half_way_leaves_the_previous_one(name,
                                                                          monkeypatch, exchange):
     """The writer of a later file raises: the directory keeps every byte of the previous
     save (and the user's own file), and no temporary directory is left behind."""
-    import importlib
     save, module, writer, nth = SAVERS[name]
     target = str(tmp_path / "out")
     save(1, target)
@@ -220,13 +221,12 @@ def test_every_multi_file_save_that_fails_half_way_leaves_the_previous_one(name,
         save(2, target)
     assert files_of(target) == before
     assert sorted(os.listdir(tmp_path)) == around                  # no temporary directory
-    monkeypatch.undo()
+    monkeypatch.setattr(f"{module}.{writer}", real)
     save(2, target)                                                # and a save that succeeds
     assert files_of(target) != before and (tmp_path / "out" / "notes.txt").read_text() == "my notes"
 
 
 def test_a_byte_vocabulary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    import hf_tokenizer
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "vocab.json").write_text('{"a": 0}')
     (tmp_path / "tok" / "merges.txt").write_text("#version: 0.2\na b\n")
