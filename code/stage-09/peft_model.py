@@ -109,8 +109,9 @@ class PeftModel(MergeMixin, Module):
         self._check_fits(tokens.shape[1])
         prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
         self._prompt_len = 0
-        if prompt is None:
-            x = base.embed(tokens, self._prefix_positions(prefix, tokens.shape[1]))
+        if prompt is None:                  # a shifted prefix moves the tokens to P..P+T-1
+            first, T = self._first_position(), tokens.shape[1]
+            x = base.embed(tokens, np.arange(first, first + T) if first else None)
         else:
             x, attention_mask = prompt.embed_with_prompt(base, tokens, attention_mask)
             self._prompt_len = prompt.prompt_length
@@ -118,17 +119,11 @@ class PeftModel(MergeMixin, Module):
         logits = base.forward_embeds(x, attention_mask, prefixes)
         return logits[:, self._prompt_len:] if self._prompt_len else logits
 
-    def _prefix_positions(self, prefix, T):
-        """Position ids of the real tokens under a prefix (``None``: ``0..T-1``)."""
-        if prefix is None or prefix.position_convention == "keep":
-            return None
-        return np.arange(prefix.prefix_length, prefix.prefix_length + T)
-
     def _check_fits(self, T):
         """``T`` real tokens and the virtual tokens' positions must fit the context
         (``position_budget``); checked before anything runs."""
         limit, budget = self.base_model.config.context_length, self.position_budget()
-        if T > budget:                      # (budget < limit: check_tokens caught T > limit)
+        if T > budget:                      # (T <= limit: check_tokens saw to that)
             taken = limit - budget
             what, why = (("virtual tokens", "") if self._virtual_tokens()
                          else ("prefix positions", " (position_convention='shift')"))
@@ -165,7 +160,8 @@ class PeftModel(MergeMixin, Module):
 
     def _first_position(self):
         """The first real token's position in ``forward``: a soft prompt's or (without
-        one) a prefix's length under ``position_convention="shift"``, else 0."""
+        one) a prefix's length under ``position_convention="shift"``, else 0. The one
+        place that says it, for ``forward``'s positions and ``position_budget``."""
         prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
         if prompt is not None:
             return prompt.prompt_length if prompt.position_convention == "shift" else 0
