@@ -317,7 +317,7 @@ def report(results) -> str:
              "other work; each part was run at its own time (`--parts`), with the load before and "
              "after it, and its minutes:", ""]
     lines += [f"* {part}{' (`--quick`)' if v.get('quick', results.get('quick')) else ''}: "
-              f"{v['finished'] + ', ' if 'finished' in v else ''}{v['before']} -> {v['after']}; "
+              f"{'finished ' + v['finished'] + ', ' if 'finished' in v else ''}{v['before']} -> {v['after']}; "
               f"{v['minutes']:.1f} min" for part, v in results["loads"].items()]
     lines += ["",
              f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
@@ -357,8 +357,8 @@ def report(results) -> str:
         lines.append(f"| {name} | {p['frozen_bytes_per_param']:.3f} | {p['state_bytes_per_trainable']:.1f} | "
                      f"{p['7B']:.1f} | {p['70B']:.1f} |")
     cache = "not measured (no generate.py with a cache here)" if gen.get("kv cache") is None else \
-        (f"{gen['kv cache']:.1f} tokens/s, {gen['kv cache'] / gen['no cache']:.0f}x (the same tokens "
-         f"as without: {gen.get('same tokens')})")
+        (f"{gen['kv cache']:.1f} tokens/s, {gen['kv cache'] / gen['no cache']:.1f}x (the same tokens "
+         f"as without: {gen.get('same tokens')}; `generate` decodes on one BLAS thread)")
     lines += ["", f"## Generation (greedy, batch 1, {gen.get('prompt', 32)}-token prompt, "
               f"{gen.get('new_tokens', 16)} new tokens)", "",
               f"Without a key/value cache: {gen['no cache']:.1f} tokens/s; with it: {cache}.", "",
