@@ -57,7 +57,7 @@ from generate import generate, tokens_per_second  # noqa: E402
 from gpt2 import GPT2LMHeadModel  # noqa: E402
 from hf_import import load_hf_checkpoint  # noqa: E402
 from minigpt import GPTConfig  # noqa: E402
-from nn import cross_entropy  # noqa: E402
+from nn import blas_controller, cross_entropy  # noqa: E402
 from optim import AdamW  # noqa: E402
 from peft_model import FullFineTuningConfig, LoraConfig, get_peft_model  # noqa: E402
 from quantization import quantize_model  # noqa: E402
@@ -119,6 +119,13 @@ class TorchSide:
         self._dir.cleanup()
 
 
+def blas_threads():
+    """How many threads NumPy's BLAS uses here (``None`` if threadpoolctl cannot tell)."""
+    blas = blas_controller()
+    info = blas.info() if blas is not None else []
+    return info[0]["num_threads"] if info else None
+
+
 def make_batch(vocab_size, batch=BATCH, seq=SEQ, seed=0):
     tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq))
     return tokens, np.roll(tokens, -1, axis=1)
@@ -178,7 +185,8 @@ def step_ratio(checkpoint, rounds, steps) -> dict:
             "median_ms": {n: float(np.median(t)) for n, t in times.items()},
             "ratio": float(np.median(med["numpy"] / med["torch_peft"])),
             "ratio_2proc": float(np.median(med["numpy_2proc"] / med["torch_peft"])),
-            "versions": side.info, "loads": loads, "keep_freed_memory": kept}
+            "versions": side.info, "loads": loads, "keep_freed_memory": kept,
+            "blas_threads": blas_threads()}
 
 
 # ------------------------------------------------------------------ 3. memory
@@ -322,7 +330,8 @@ def report(results) -> str:
     lines += ["",
              f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
              "| | median seconds | steps timed |", "|---|---|---|"]
-    for name, label in (("numpy", "NumPy, one process"),
+    threads = s.get("blas_threads", 2)                      # (2: set before this was recorded)
+    for name, label in (("numpy", f"NumPy, one process ({threads or '?'} BLAS threads)"),
                         ("numpy_2proc", "NumPy, 2 processes x 1 thread (`train(..., processes=2)`)"),
                         ("torch_peft", "PyTorch + peft (eager, SDPA), 2 threads")):
         lines.append(f"| {label} | {s['median_ms'][name] / 1e3:.2f} | {len(s['ms'][name])} |")
@@ -421,7 +430,8 @@ def main(argv=None):
 
 def _step(checkpoint, args):
     s = step_ratio(checkpoint, rounds=2 if args.quick else 5, steps=1 if args.quick else 2)
-    print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy {s['median_ms']['numpy'] / 1e3:.2f} s, "
+    print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy ({s['blas_threads']} BLAS threads) "
+          f"{s['median_ms']['numpy'] / 1e3:.2f} s, "
           f"PyTorch + peft {s['median_ms']['torch_peft'] / 1e3:.2f} s, ours/theirs {s['ratio']:.2f}; "
           f"2 processes {s['median_ms']['numpy_2proc'] / 1e3:.2f} s, {s['ratio_2proc']:.2f} "
           f"({s['versions']})", flush=True)
