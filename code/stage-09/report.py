@@ -78,6 +78,8 @@ METHOD_STYLE = {
     "qlora": ("#9467bd", "v"), "dora": ("#e377c2", "^"), "adapter": ("#2ca02c", "P"),
     "ia3": ("#bcbd22", "X"), "bitfit": ("#8c564b", "h"), "prefix": ("#ff7f0e", "<"),
     "prefix_mlp": ("#d62728", ">"), "prompt": ("#7f7f7f", "*"),
+    # the real-text comparison's rows (compare_text.METHODS): "houlsby" is the digit "adapter"
+    "houlsby": ("#2ca02c", "P"), "parallel": ("#98df8a", "p"), "lora_tokens": ("#0b5563", "d"),
 }
 
 
