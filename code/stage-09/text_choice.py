@@ -135,7 +135,7 @@ def decision_rows(summary, classification, base, inference=None) -> list[dict]:
                 lambda s: f"Shakespeare rise {s['forgetting']:+.3f}, {alice(s)}"),
         _ranked("old model back exactly (adapter off)",
                 [s for s in ok if abs(s["disabled_rise"]) < 1e-6], lambda s: s["alice_loss"],
-                lambda s: f"disabled rise {s['disabled_rise']:+.1e}, {alice(s)}"),
+                lambda s: f"disabled rise {s['disabled_rise']:.1g}, {alice(s)}"),
         _ranked("smallest file per task", ok, lambda s: s["adapter_bytes"],
                 lambda s: f"{kb(s['adapter_bytes'])}, {alice(s)}"),
         _ranked("least trainable state", ok, lambda s: s["trainable_state_bytes"],
@@ -163,7 +163,7 @@ def decision_rows(summary, classification, base, inference=None) -> list[dict]:
                             lambda s: s["alice_loss"], alice))
     if classification:
         rows.append(_ranked("a label task (who wrote it?)", classification, lambda s: s["accuracy"],
-                            lambda s: f"accuracy {s['accuracy']:.3f} (majority {s['majority_baseline']:.2f})",
+                            lambda s: f"accuracy {s['accuracy']:.3f}, majority {s['majority_baseline']:.2f}",
                             reverse=True))
     return [r for r in rows if r is not None]
 
