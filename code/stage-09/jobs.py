@@ -89,21 +89,27 @@ def execute(calls, costs, workers, progress=True, desc="runs", on_result=None):
     order = longest_first(costs)
     out = [None] * len(calls)
     bar = tqdm(total=len(calls), disable=not progress, desc=desc)
+
+    def done(i, result):
+        out[i] = result
+        if on_result:
+            on_result(i, result)
+        bar.update()
+
     if workers == 1:
         for i in order:
-            out[i] = timed(*calls[i])
-            on_result and on_result(i, out[i])
-            bar.update()
+            done(i, timed(*calls[i]))
     else:
         # "spawn": a fresh interpreter per worker (a forked child would inherit dead
         # thread pools and locks from the parent)
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(timed, *calls[i]): i for i in order}
-            for f in as_completed(futures):
-                i = futures[f]
-                out[i] = f.result()
-                on_result and on_result(i, out[i])
-                bar.update()
+            try:
+                for f in as_completed(futures):
+                    done(futures[f], f.result())
+            except BaseException:          # a failed run (or Ctrl-C): drop the queued ones
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     bar.close()
     return out, [out[i]["cpu_s"] for i in order]
 
