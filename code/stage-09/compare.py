@@ -356,7 +356,7 @@ def comparison_job(a) -> jobs.Job:
         if a.full and a.out == RESULTS_DIR:              # the README quotes these results
             report.update_readme(os.path.join(HERE, "..", "..", "README.md"), a.out)
 
-    return jobs.Job("digits", run, specs, estimated_cpu_s, base_metrics, n_forget,
+    return jobs.Job("digit", run, specs, estimated_cpu_s, base_metrics, n_forget,
                     BASE_CPU_S * n_forget / RunSpec.n_forget, finish,
                     log=os.path.join(a.out, "progress.jsonl"))
 

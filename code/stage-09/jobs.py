@@ -23,12 +23,15 @@ the CPU seconds and the projection do not.
 from __future__ import annotations
 
 import heapq
+import json
 import multiprocessing as mp
 import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+
+from pretrain import machine
 
 
 @dataclass
@@ -114,12 +117,9 @@ def execute(calls, costs, workers, progress=True, desc="runs", on_result=None):
     return out, [out[i]["cpu_s"] for i in order]
 
 
-def run_jobs(jobs, workers=2, command="", progress=True) -> dict:
-    """Run every task of ``jobs`` in one pool, then ``finish`` each job; returns ``timing``."""
-    import json
-    from pretrain import machine
-    load_before, start = os.getloadavg(), time.perf_counter()
-    cpu_start, children_start = time.process_time(), _children_cpu()
+def _tasks(jobs):
+    """Every job's base measurement and runs: ``calls``, ``costs`` and each one's
+    ``(job index, run index or None for the base)``."""
     calls, costs, owner = [], [], []
     for j, job in enumerate(jobs):
         calls.append((job.base, job.base_arg))
@@ -129,8 +129,18 @@ def run_jobs(jobs, workers=2, command="", progress=True) -> dict:
             calls.append((job.run, spec))
             costs.append(job.cost(spec))
             owner.append((j, k))
+    return calls, costs, owner
 
+
+def run_jobs(jobs, workers=2, command="", progress=True) -> dict:
+    """Run every task of ``jobs`` in one pool, then ``finish`` each job; returns ``timing``
+    (its wall time runs from here to the last run's end: writing the tables and plots
+    afterwards is not in it)."""
+    load_before, start = os.getloadavg(), time.perf_counter()
+    cpu_start, children_start = time.process_time(), _children_cpu()
+    calls, costs, owner = _tasks(jobs)
     for job in jobs:
+        job.rows = []
         if job.log and os.path.exists(job.log):
             os.remove(job.log)
 
@@ -143,22 +153,20 @@ def run_jobs(jobs, workers=2, command="", progress=True) -> dict:
     results, cpu_in_order = execute(calls, costs, workers, progress, desc="runs", on_result=record)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start + _children_cpu() - children_start
-    outside = max(cpu - sum(r["cpu_s"] for r in results), 0.0)
-    timing = {"command": command, "machine": machine(), "workers": workers,
-              "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
-              "projected_idle_minutes": round((list_schedule(cpu_in_order, workers) + outside) / 60, 2),
-              "load_before": [round(x, 2) for x in load_before],
-              "load_after": [round(x, 2) for x in os.getloadavg()], "parts": {}}
+    outside = max(cpu - sum(r["cpu_s"] for r in results), 0.0)     # start-up, the parent
     bases = {}
     for (j, k), result in zip(owner, results):
         if k is None:
             bases[j] = result
         else:
             jobs[j].rows.append(result)
-    for j, job in enumerate(jobs):
-        timing["parts"][job.name] = {
-            "runs": len(job.rows),
-            "run_cpu_minutes": round(sum(r["cpu_s"] for r in job.rows) / 60, 2)}
+    timing = {"command": command, "machine": machine(), "workers": workers,
+              "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+              "projected_idle_minutes": round((list_schedule(cpu_in_order, workers) + outside) / 60, 2),
+              "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()],
+              "parts": {job.name: {"runs": len(job.rows), "run_cpu_minutes": round(
+                  sum(r["cpu_s"] for r in job.rows) / 60, 2)} for job in jobs}}
     for j, job in enumerate(jobs):
         job.finish(job.rows, bases[j], timing)
         if job.log and os.path.exists(job.log):

@@ -88,7 +88,7 @@ def test_a_quick_job_leaves_the_full_results_alone():
     timing = jobs.run_jobs([compare.comparison_job(digits), compare_text.comparison_job(text)],
                            workers=2, command="test", progress=False)
     assert _fingerprint() == committed
-    assert timing["parts"]["digits"]["runs"] == 1
+    assert timing["parts"]["digit"]["runs"] == 1
     assert timing["parts"]["text"]["runs"] == 2              # Alice and the authorship task
     for out in (digits.out, text.out):
         with open(os.path.join(out, "results.json")) as f:
