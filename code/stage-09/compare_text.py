@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import jobs  # noqa: E402
 from accounting import memory_report  # noqa: E402
 from checkpoint import load_model  # noqa: E402
+from generate import window_limit  # noqa: E402
 from optim import AdamW  # noqa: E402
 from peft_config import ALL_LINEARS  # noqa: E402
 from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: E402
@@ -182,7 +183,7 @@ class RunSpec:
 def window_length(config, window=None) -> int:
     """Tokens per window: ``window``, at most the context minus room for prompt tuning's
     virtual tokens (the same windows for every method, so their losses compare)."""
-    longest = config.context_length - VIRTUAL_TOKENS
+    longest = window_limit(config.context_length, VIRTUAL_TOKENS, VIRTUAL_TOKENS)   # shifted or not
     return longest if window is None else min(window, longest)
 
 
