@@ -1,0 +1,364 @@
+"""The real-text comparison's learning-rate sweep: every choice made on validation data.
+
+    python code/stage-09/compare_text.py --lr-sweep      # writes results/text/lr_sweep/
+
+Each method has two rates, one per task: ``TextMethod.lr`` for *Alice* (the loss on
+Alice's validation split after the main job's training) and ``classify_lr`` for the
+authorship task (accuracy on validation snippets, ties to the lower loss at the
+label position). The prompt-tuning starts of ``SWEEP_VARIANTS`` run on Alice beside
+``prompt``, so its start is chosen the same way. No test split is read.
+
+The rule (``next_runs``), applied to one (task, method) whenever its runs so far are in:
+
+1. seed 0 at every rate of its grid (``lr_grid`` / ``classify_lr_grid``);
+2. while the best rate is the smallest or largest tried, the next rate past it on the
+   digit sweep's ladder (``compare.LR_LADDER``: x3 or /3; its ends are hard limits);
+   a run that diverges scores worst;
+3. the best two rates get every seed of ``SWEEP_SEEDS``, so the gap between them can be
+   set against the seed-to-seed difference (one seed is enough only where the gap is
+   larger); "best" is the mean over the seeds a rate has.
+
+One pool of ``workers`` processes serves both tasks: a method's next runs are queued as
+soon as its previous ones are in, so neither core waits for a whole round.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+import numpy as np
+
+import compare_text as ct
+from checkpoint import atomic_write_text, load_model
+from compare import LR_LADDER, beyond_edges
+from text import lm_loss
+
+SWEEP_SEEDS = (0, 1)
+KINDS = ("adapt", "classify")          # Alice's language model, the authorship task
+
+
+def grid(kind, method):
+    spec = ct.method_spec(method)
+    return tuple(spec.lr_grid if kind == "adapt" else spec.classify_lr_grid)
+
+
+def score(kind, rows) -> tuple:
+    """Sort key of one rate's runs (lower is better): means over its seeds."""
+    if any(r.get("diverged") for r in rows):
+        return (math.inf, math.inf)
+    if kind == "adapt":
+        return (float(np.mean([r["alice_loss"] for r in rows])),
+                float(np.mean([r["shakespeare_loss"] for r in rows])))
+    return (-float(np.mean([r["accuracy"] for r in rows])),
+            float(np.mean([r["label_loss"] for r in rows])))
+
+
+def by_rate(rows) -> dict:
+    out = defaultdict(list)
+    for r in rows:
+        out[r["lr"]].append(r)
+    return out
+
+
+def next_runs(kind, method, rows, rates, seeds=SWEEP_SEEDS) -> list:
+    """``[(lr, seed), ...]`` still to run for ``(kind, method)`` given its finished ``rows``
+    and its starting ``rates``; ``[]`` when its choice is settled (see the module's rule)."""
+    done = by_rate(rows)
+    missing = [(lr, seeds[0]) for lr in rates if lr not in done]
+    if missing:
+        return missing
+    ranked = sorted(done, key=lambda lr: score(kind, done[lr]))
+    edge = beyond_edges([{"method": method, "task": kind, "lr": ranked[0]}],
+                        {(method, kind, lr) for lr in done})
+    if edge:
+        return [(edge[0][2], seeds[0])]
+    return [(lr, s) for lr in ranked[:2] if not any(r.get("diverged") for r in done[lr])
+            for s in seeds if s not in {r["seed"] for r in done[lr]}]
+
+
+def run_spec(kind, method, lr, seed, s, base_dir) -> ct.RunSpec:
+    if kind == "adapt":
+        return ct.RunSpec(method, seed, s.steps, s.batch_size, s.eval_windows, lr, window=s.window,
+                          base_dir=base_dir, split="validation")
+    return ct.RunSpec(method, seed, s.classify_steps, s.batch_size, s.eval_windows, lr,
+                      kind="classify", base_dir=base_dir, split="validation",
+                      n_train=s.classify_train, n_test=s.classify_validation)
+
+
+def run_or_diverge(spec) -> dict:
+    """``compare_text.run``; a run whose training diverges comes back marked, not raised."""
+    try:
+        return ct.run(spec)
+    except FloatingPointError as e:
+        return {"kind": spec.kind, "method": spec.method, "seed": spec.seed, "lr": spec.lr,
+                "split": spec.split, "diverged": str(e)}
+
+
+class _InProcess:
+    """``workers=1``: the same loop, every run in this process (tests, debugging)."""
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
+    """Every run of the sweep (rows of ``compare_text.run``), each (task, method) extended
+    by ``next_runs`` until settled; ``done``: rows of an interrupted sweep to keep."""
+    variants = [v for v in ct.SWEEP_VARIANTS if any(v.startswith(m + "_") for m in methods)]
+    keys = [("adapt", m) for m in methods + variants] + [("classify", m) for m in methods]
+    rows = {k: [r for r in done if (r["kind"], r["method"]) == k] for k in keys}
+    pool = (_InProcess() if workers == 1 else
+            ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
+    pending = {}
+    with pool:
+        def queue(key):
+            for lr, seed in next_runs(*key, rows[key], grid(*key)):
+                spec = run_spec(*key, lr, seed, settings, base_dir)
+                pending[pool.submit(run_or_diverge, spec)] = key
+
+        for key in keys:
+            queue(key)
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for f in done:
+                key = pending.pop(f)
+                row = f.result()
+                rows[key].append(row)
+                note(row, log)
+                if key not in pending.values():
+                    queue(key)
+    return [r for k in keys for r in rows[k]]
+
+
+def note(row, log):
+    what = ("diverged" if row.get("diverged") else f"Alice {row['alice_loss']:.4f}"
+            if row["kind"] == "adapt" else f"accuracy {row['accuracy']:.3f}")
+    print(f"{row['kind']:<8} {row['method']:<18} lr {row['lr']:<7g} seed {row['seed']}: {what}",
+          flush=True)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
+
+
+def start_losses(base_dir, settings) -> dict:
+    """Alice's validation loss of the base with each prompt-tuning start, before any step."""
+    from peft_model import get_peft_model
+    base = load_model(base_dir)
+    sets = ct.eval_sets(base.config, settings.eval_windows, settings.window)
+    x, y = sets[("alice", "validation")]
+    out = {"base": lm_loss(base, x, y)}
+    for name in ["prompt"] + [v for v in ct.SWEEP_VARIANTS if v.startswith("prompt_")]:
+        model = get_peft_model(load_model(base_dir), ct.method_spec(name).make_config(), seed=0)
+        out[name] = lm_loss(model, x, y)
+    return out
+
+
+def _metric(kind, row):
+    return row["alice_loss"] if kind == "adapt" else row["accuracy"]
+
+
+def choices(results) -> list[dict]:
+    """One row per (task, method): the chosen rate, the rates tried, the runner-up, the gap
+    between them against the seed-to-seed difference, and whether the choice is at an edge."""
+    import text_report as tr
+    tried, runs = defaultdict(set), defaultdict(list)
+    for r in results["runs"] + results.get("diverged", []):
+        tried[(r["kind"], r["method"])].add(r["lr"])
+        if not r.get("diverged"):
+            runs[(r["kind"], r["method"], r["lr"])].append(r)
+    out = []
+    for kind in KINDS:
+        for method, ranked in tr.ranked_rates(results, kind).items():
+            best, rates = ranked[0], sorted(tried[(kind, method)])
+            value = "alice_loss" if kind == "adapt" else "accuracy"
+            spreads = [np.ptp([_metric(kind, r) for r in runs[(kind, method, s["lr"])]])
+                       for s in ranked[:2] if s["seeds"] > 1]
+            edge = best["lr"] in (rates[0], rates[-1])
+            out.append({
+                "task": kind, "method": method, "lr": best["lr"], "value": best[value],
+                "seeds": best["seeds"], "rates": " ".join(f"{lr:g}" for lr in rates),
+                "runner_up_lr": ranked[1]["lr"] if len(ranked) > 1 else None,
+                "gap": abs(best[value] - ranked[1][value]) if len(ranked) > 1 else None,
+                "seed_difference": max(spreads) if spreads else None,
+                "edge": edge,
+                "limit": ("" if not edge else "the ladder's end" if best["lr"] in (LR_LADDER[0],
+                                                                                   LR_LADDER[-1])
+                          else "unsettled")})
+    return out
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def choice_table(chosen) -> str:
+    by = {(c["task"], c["method"]): c for c in chosen}
+    head = ("| method | Alice lr | tried | Alice val. loss | runner-up: gap | seed diff. "
+            "| authorship lr | tried | val. accuracy | runner-up: gap | seed diff. |")
+    lines = [head, "|---" * 11 + "|"]
+    for method in dict.fromkeys(c["method"] for c in chosen):
+        cells = [method]
+        for kind, spec in (("adapt", ".3f"), ("classify", ".3f")):
+            c = by.get((kind, method))
+            if c is None:
+                cells += [""] * 5
+                continue
+            cells += [f"{c['lr']:g}" + (" (edge)" if c["edge"] else ""), c["rates"],
+                      f"{c['value']:{spec}} ({c['seeds']} seeds)",
+                      f"{c['runner_up_lr']:g}: {c['gap']:{spec}}" if c["gap"] is not None else "",
+                      _fmt(c["seed_difference"], spec)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_sentences(chosen) -> list[str]:
+    out = []
+    for kind, what, unit in (("adapt", "Alice", "nats"), ("classify", "authorship", "accuracy")):
+        cs = [c for c in chosen if c["task"] == kind and c["seed_difference"] is not None
+              and c["gap"] is not None]
+        if not cs:
+            continue
+        close = [c["method"] for c in cs if c["gap"] <= c["seed_difference"]]
+        out.append(
+            f"{what}: the gap between the best two rates is {min(c['gap'] for c in cs):.3f} to "
+            f"{max(c['gap'] for c in cs):.3f} {unit}; seeds 0 and 1 at those rates differ by up to "
+            f"{max(c['seed_difference'] for c in cs):.3f}. "
+            + (f"For {len(close)} of {len(cs)} methods ({', '.join(close)}) the gap is not larger "
+               f"than the seed difference: one seed could have picked either rate, so the choice "
+               f"uses the mean of two." if close else
+               f"For every one of the {len(cs)} methods the gap is larger than the seed "
+               f"difference: one seed would have picked the same rates."))
+    return out
+
+
+def edge_sentences(chosen) -> list[str]:
+    edges = [c for c in chosen if c["edge"]]
+    if not edges:
+        return ["Every chosen rate has a worse rate tried on each side (none is at an edge of its grid)."]
+    return [f"At an edge: {c['task']} {c['method']} lr {c['lr']:g} ({c['limit']})." for c in edges]
+
+
+def prompt_sentences(results, starts) -> list[str]:
+    import text_report as tr
+    ranked = tr.ranked_rates(results)
+    names = [n for n in ["prompt"] + list(ct.SWEEP_VARIANTS) if n in ranked and n in starts]
+    if not names:
+        return []
+    base = starts["base"]
+    parts = [f"{n} ({ct.method_spec(n).why}): {starts[n]:.3f} before training, "
+             f"{ranked[n][0]['alice_loss']:.3f} after at its best rate {ranked[n][0]['lr']:g}"
+             for n in names]
+    best = min(names, key=lambda n: ranked[n][0]["alice_loss"])
+    gain = base - ranked[best][0]["alice_loss"]
+    return [f"The base's Alice validation loss is {base:.3f}. " + "; ".join(parts) + ".",
+            f"Best start: {best} ({gain:+.3f} nats below the base" + ("" if gain > 0 else
+                                                                      ", i.e. no gain") + ")."]
+
+
+def write_sweep_readme(results, out):
+    """``out/README.md`` and ``out/chosen.csv``, from a sweep's ``results.json`` alone."""
+    meta, s = results["meta"], results["meta"]["settings"]
+    starts, workers = meta["prompt_starts"], meta["workers"]
+    pre, base = meta["base"]["pretraining"], meta["base"]
+    chosen = choices(results)
+    import text_report as tr
+    table = tr.format_table(results["summary"], base, "validation")
+    ctable = tr.format_classification(results["classification"])
+    load = meta["load_average"]
+    diverged = results.get("diverged", [])
+    text = f"""# Learning rates of the real-text comparison (validation splits only)
+
+Made by `{meta['command']}` in {meta['minutes']:.1f} minutes on {meta['machine']} with {workers} worker
+process{'es' if workers > 1 else ''} (load average 1/5/15 min before {load[:3]}, after {load[3:]}); {len(results['runs'])} runs.
+Every run starts from the shipped base `{pre['dir']}` (Shakespeare validation loss
+{pre['validation_loss']:.3f} after {pre['steps']} pretraining steps). *Alice*: {s['steps']} steps of
+batch {s['batch_size']} x {s['window']} characters, scored on {s['eval_windows']} fixed windows of Alice's
+validation split. Authorship: {s['classify_steps']} steps on {s['classify_train']} training snippets
+per author, scored on {s['classify_validation']} validation snippets per author (majority baseline
+50%). No test split was read.
+
+The rule (`text_sweep.next_runs`): seed 0 at every rate of the method's grid; while the best
+rate is the smallest or largest tried, one more rate past it (x3 or /3 on `compare.LR_LADDER`);
+then seed 1 for the best two rates; the best rate is the one with the lowest mean Alice loss
+(authorship: highest mean accuracy, ties to the lower loss at the label position).
+`compare_text.METHODS` holds the chosen rates and, as each grid, every rate tried here
+(`test_compare_text.py` checks both against this sweep's `results.json`).
+
+## Chosen rates
+
+{choice_table(chosen)}
+
+"seed diff.": the largest difference between seeds 0 and 1 at the best two rates.
+
+""" + "".join(f"- {w}\n" for w in edge_sentences(chosen) + seed_sentences(chosen)) + """
+## Prompt tuning's start
+
+""" + "".join(f"- {w}\n" for w in prompt_sentences(results, starts)) + (
+        "" if not diverged else "\n## Diverged\n\n" + "".join(
+            f"- {r['kind']} {r['method']} lr {r['lr']:g} seed {r['seed']}: {r['diverged']}\n"
+            for r in diverged)) + f"""
+## Every rate
+
+```
+{table}
+```
+
+```
+{ctable}
+```
+"""
+    atomic_write_text(os.path.join(out, "README.md"), text)
+    from report import write_csv
+    write_csv(os.path.join(out, "chosen.csv"), chosen)
+    return chosen
+
+
+def main(methods, settings, base_dir, out, workers, command, resume=False):
+    """The sweep, its files and its README (``compare_text.py --lr-sweep``). ``resume``: keep
+    the runs an interrupted sweep logged in ``out/progress.jsonl`` (same settings assumed;
+    the time then counts this part only)."""
+    import text_report as tr
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "progress.jsonl")          # removed once the results are written
+    done = []
+    if resume and os.path.exists(log):
+        with open(log) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+    elif os.path.exists(log):
+        os.remove(log)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    base = ct.base_losses(base_dir, settings.eval_windows, settings.window)
+    base["pretraining"] = ct.base_record(base_dir)
+    starts = start_losses(base_dir, settings)
+    rows = sweep(methods, settings, base_dir, workers, log, done)
+    seconds = time.perf_counter() - start
+    load = [round(x, 2) for x in load_before + os.getloadavg()]
+    ok = [r for r in rows if not r.get("diverged")]
+    tr.write_text_results(ok, base, out, command=command, seconds=seconds, settings=settings,
+                          methods={**ct.METHODS, **ct.SWEEP_VARIANTS}, sweep=True, load=load,
+                          sample=ct.SAMPLE)
+    path = os.path.join(out, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    results["diverged"] = [r for r in rows if r.get("diverged")]
+    results["meta"]["workers"], results["meta"]["prompt_starts"] = workers, starts
+    atomic_write_text(path, json.dumps(results, indent=1))
+    chosen = write_sweep_readme(results, out)
+    os.remove(log)
+    for c in chosen:
+        print(f"{c['task']:<8} {c['method']:<18} lr {c['lr']:g}  tried {c['rates']}"
+              + ("  EDGE" if c["edge"] else ""))
+    return results
