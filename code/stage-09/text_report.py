@@ -151,12 +151,22 @@ def findings(summary, csum, base) -> list[str]:
                    f"loss {lo['alice_loss']:.3f} vs {t['alice_loss']:.3f}.")
     out += low_data_findings(summary, base)
     if csum:
-        best = max(csum, key=lambda s: s["accuracy"])
-        worst = min(csum, key=lambda s: s["accuracy"])
-        out.append(f"Authorship: {best['method']} is best at {best['accuracy']:.1%}, {worst['method']}"
-                   f" lowest at {worst['accuracy']:.1%}; always answering one author scores "
-                   f"{best['majority_baseline']:.0%}.")
+        out.append(authorship_finding(csum))
     return out
+
+
+def authorship_finding(csum) -> str:
+    """The authorship task in one sentence: best, worst, and who beats the majority baseline
+    by more than twice its seed spread."""
+    best = max(csum, key=lambda s: s["accuracy"])
+    worst = min(csum, key=lambda s: s["accuracy"])
+    majority = best["majority_baseline"]
+    weak = [s["method"] for s in csum if s["accuracy"] - 2 * s["accuracy_std"] <= majority]
+    return (f"Authorship (held-out snippets, mean ± std over {best['seeds']} seed{'s' * (best['seeds'] > 1)}): {best['method']} is "
+            f"best at {best['accuracy']:.1%} ± {best['accuracy_std']:.1%}, {worst['method']} lowest at "
+            f"{worst['accuracy']:.1%} ± {worst['accuracy_std']:.1%}; always answering one author scores "
+            f"{majority:.0%}. {len(csum) - len(weak)} of {len(csum)} methods beat that by more than "
+            f"twice their seed spread" + (f" (not: {', '.join(weak)})." if weak else "."))
 
 
 def low_data_findings(summary, base) -> list[str]:

@@ -10,8 +10,9 @@ from checkpoint import load_model
 from text import WindowSampler, corpus_splits, fixed_windows, lm_loss
 from train import train
 import text_sweep
-from text_report import (README_MARKERS, choose_classification_rates, choose_learning_rates, findings,
-                         readme_with_block, summarize)
+from text_report import (README_MARKERS, authorship_finding, choose_classification_rates,
+                         choose_learning_rates, findings, readme_with_block, summarize,
+                         summarize_classification)
 
 BASE = os.environ.get("PEFT_TEXT_BASE", ct.TEXT_BASE_DIR)
 TOUCH = {"full", "bitfit", "qlora"}          # train or quantize the base's own numbers
@@ -109,6 +110,12 @@ def test_findings_say_what_the_numbers_say():
     learns_more = [_row("full", 1.9, 1.9), _row("lora_all", 1.8, 2.0)]
     text = " ".join(findings(summarize(learns_more, base), [], base))
     assert "learned more than full fine-tuning" in text and "forgot more" in text
+    runs = [{"kind": "classify", "method": m, "lr": 1e-2, "seed": seed, "steps": 1, "n_test": 4,
+             "trainable_params": 1, "majority_baseline": 0.5, "accuracy": a, "top1_accuracy": a,
+             "accuracy_before": 0.5} for m, accs in (("ia3", (0.9, 0.8, 0.85)), ("bitfit", (0.5, 0.7, 0.5)))
+            for seed, a in enumerate(accs)]
+    text = authorship_finding(summarize_classification(runs))
+    assert "ia3 is best at 85.0%" in text and "1 of 2 methods" in text and "(not: bitfit)" in text
 
 
 RESULTS_JSON = os.path.join(ct.RESULTS_DIR, "results.json")
