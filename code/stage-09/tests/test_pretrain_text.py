@@ -68,8 +68,13 @@ def test_readmes_quote_the_shipped_report():
     quoted = [f"{report['parameters']:,} parameters", f"{v['loss']:.3f} nats per character",
               f"{v['bits_per_char']:.2f} bits", f"perplexity {v['perplexity']:.2f}",
               f"test split {t['loss']:.3f}", f"{report['seconds'] / 60:.0f} minutes",
-              f"{g['tokens_per_second_cached']:,.0f} tokens/s", f"{g['tokens_per_second_uncached']:,.0f}"]
+              f"{g['tokens_per_second_cached']:,.0f} tokens/s", f"{g['tokens_per_second_uncached']:,.0f}",
+              f"{report['cost']['cpu_seconds_per_step']:.2f} s per step",
+              f"{report['unseen_characters']['alice_loss_on_seen_characters']:.2f} nats on characters",
+              f"{report['unseen_characters']['alice_loss_on_unseen_characters']:.2f} on `"]
     missing = [q for q in quoted if q not in readme]
     assert not missing, f"README.md should quote {missing} (from pretrained_text/{REPORT_NAME})"
+    # the budgets: validation <= 1.55 nats/char, regeneration <= 45 min on 2 cores
+    assert v["loss"] <= 1.55 and report["seconds"] <= 45 * 60 and report["processes"] == 2
     with open(os.path.join(PRETRAINED_TEXT_DIR, "README.md"), encoding="utf-8") as f:
         assert f.read() == model_card(report)
