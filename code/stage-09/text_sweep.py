@@ -14,9 +14,11 @@ The rule (``next_runs``), applied to one (task, method) whenever its runs so far
 2. while the best rate is the smallest or largest tried, the next rate past it on the
    digit sweep's ladder (``compare.LR_LADDER``: x3 or /3; its ends are hard limits);
    a run that diverges scores worst;
-3. the best two rates get every seed of ``SWEEP_SEEDS``, so the gap between them can be
-   set against the seed-to-seed difference (one seed is enough only where the gap is
-   larger); "best" is the mean over the seeds a rate has.
+3. the best two rates get every seed of ``SWEEP_SEEDS`` ("best": the mean over the seeds a
+   rate has). On this shared 2-core machine the sweep runs one seed; the README sets the
+   gap between the best two rates against the seed-to-seed spread of the main job's
+   three seeds (their *validation* losses, ``results/text/results.json``), which says
+   where one seed suffices to pick.
 
 One pool of ``workers`` processes serves both tasks: a method's next runs are queued as
 soon as its previous ones are in, so neither core waits for a whole round.
@@ -38,7 +40,7 @@ from checkpoint import atomic_write_text, load_model
 from compare import LR_LADDER, beyond_edges
 from text import lm_loss
 
-SWEEP_SEEDS = (0, 1)
+SWEEP_SEEDS = (0,)                     # (0, 1) seeds the best two rates too
 KINDS = ("adapt", "classify")          # Alice's language model, the authorship task
 
 
@@ -153,6 +155,20 @@ def note(row, log):
             f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
 
 
+def seed_noise(path=os.path.join(ct.RESULTS_DIR, "results.json")) -> dict:
+    """``{method: std over seeds of the Alice validation loss}`` of the main job's headline
+    runs (its rows also carry validation losses), or ``{}`` without that file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    groups = defaultdict(list)
+    for r in runs:
+        if r["kind"] == "adapt" and r["rank"] == 8 and r["fraction"] == 1.0 and "val_alice_loss" in r:
+            groups[r["method"]].append(r["val_alice_loss"])
+    return {m: float(np.std(v)) for m, v in groups.items() if len(v) > 1}
+
+
 def start_losses(base_dir, settings) -> dict:
     """Alice's validation loss of the base with each prompt-tuning start, before any step."""
     from peft_model import get_peft_model
@@ -244,6 +260,23 @@ def seed_sentences(chosen) -> list[str]:
     return out
 
 
+def noise_sentences(chosen, noise) -> list[str]:
+    """One seed or more? The gap between the best two Alice rates against the main job's
+    seed-to-seed standard deviation of the Alice validation loss (``noise``)."""
+    cs = [c for c in chosen if c["task"] == "adapt" and c["gap"] is not None and c["method"] in noise]
+    if not cs:
+        return []
+    close = [f"{c['method']} ({c['lr']:g} vs {c['runner_up_lr']:g}: {c['gap']:.3f})" for c in cs
+             if c["gap"] < 2 * noise[c["method"]]]
+    return [f"Seed noise: over the main job's three seeds the Alice validation loss varies by a "
+            f"standard deviation of {min(noise.values()):.4f} to {max(noise.values()):.4f} nats "
+            f"(per method, at its rate then); the gap between the best and the second-best rate "
+            f"here is {min(c['gap'] for c in cs):.3f} to {max(c['gap'] for c in cs):.3f} nats. "
+            + (f"Within twice that noise, so one seed cannot tell the two rates apart (either "
+               f"serves): {', '.join(close)}." if close else
+               "Every gap is more than twice the noise: one seed picks the same rates.")]
+
+
 def edge_sentences(chosen) -> list[str]:
     edges = [c for c in chosen if c["edge"]]
     if not edges:
@@ -279,10 +312,12 @@ def write_sweep_readme(results, out):
     ctable = tr.format_classification(results["classification"])
     load = meta["load_average"]
     diverged = results.get("diverged", [])
+    resumed = ("" if "--resume" not in meta["command"] else " (`--resume`: the runs an interrupted "
+               "start had finished were kept, and the time counts the resumed part only)")
     text = f"""# Learning rates of the real-text comparison (validation splits only)
 
 Made by `{meta['command']}` in {meta['minutes']:.1f} minutes on {meta['machine']} with {workers} worker
-process{'es' if workers > 1 else ''} (load average 1/5/15 min before {load[:3]}, after {load[3:]}); {len(results['runs'])} runs.
+process{'es' if workers > 1 else ''} (load average 1/5/15 min before {load[:3]}, after {load[3:]}); {len(results['runs'])} runs{resumed}.
 Every run starts from the shipped base `{pre['dir']}` (Shakespeare validation loss
 {pre['validation_loss']:.3f} after {pre['steps']} pretraining steps). *Alice*: {s['steps']} steps of
 batch {s['batch_size']} x {s['window']} characters, scored on {s['eval_windows']} fixed windows of Alice's
@@ -303,7 +338,8 @@ then seed 1 for the best two rates; the best rate is the one with the lowest mea
 
 "seed diff.": the largest difference between seeds 0 and 1 at the best two rates.
 
-""" + "".join(f"- {w}\n" for w in edge_sentences(chosen) + seed_sentences(chosen)) + """
+""" + "".join(f"- {w}\n" for w in edge_sentences(chosen) + seed_sentences(chosen)
+              + noise_sentences(chosen, meta.get("seed_noise", {}))) + """
 ## Prompt tuning's start
 
 """ + "".join(f"- {w}\n" for w in prompt_sentences(results, starts)) + (
@@ -326,7 +362,7 @@ then seed 1 for the best two rates; the best rate is the one with the lowest mea
     return chosen
 
 
-def main(methods, settings, base_dir, out, workers, command, resume=False):
+def main(methods, settings, base_dir, out, workers, command, resume=False, run_more=True):
     """The sweep, its files and its README (``compare_text.py --lr-sweep``). ``resume``: keep
     the runs an interrupted sweep logged in ``out/progress.jsonl`` (same settings assumed;
     the time then counts this part only)."""
@@ -343,7 +379,7 @@ def main(methods, settings, base_dir, out, workers, command, resume=False):
     base = ct.base_losses(base_dir, settings.eval_windows, settings.window)
     base["pretraining"] = ct.base_record(base_dir)
     starts = start_losses(base_dir, settings)
-    rows = sweep(methods, settings, base_dir, workers, log, done)
+    rows = sweep(methods, settings, base_dir, workers, log, done) if run_more else done
     seconds = time.perf_counter() - start
     load = [round(x, 2) for x in load_before + os.getloadavg()]
     ok = [r for r in rows if not r.get("diverged")]
@@ -355,6 +391,7 @@ def main(methods, settings, base_dir, out, workers, command, resume=False):
         results = json.load(f)
     results["diverged"] = [r for r in rows if r.get("diverged")]
     results["meta"]["workers"], results["meta"]["prompt_starts"] = workers, starts
+    results["meta"]["seed_noise"] = seed_noise()
     atomic_write_text(path, json.dumps(results, indent=1))
     chosen = write_sweep_readme(results, out)
     os.remove(log)
@@ -362,3 +399,21 @@ def main(methods, settings, base_dir, out, workers, command, resume=False):
         print(f"{c['task']:<8} {c['method']:<18} lr {c['lr']:g}  tried {c['rates']}"
               + ("  EDGE" if c["edge"] else ""))
     return results
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Rewrite the sweep's README.md and chosen.csv from its "
+                                            "results.json (the sweep itself: compare_text.py --lr-sweep).")
+    p.add_argument("--readme", action="store_true", help="from OUT/results.json")
+    p.add_argument("--finish", action="store_true", help="write the results of an interrupted "
+                   "sweep from OUT/progress.jsonl, running nothing more (its choices may be unsettled)")
+    p.add_argument("--out", default=os.path.join(ct.RESULTS_DIR, "lr_sweep"))
+    a = p.parse_args()
+    if a.finish:
+        main(list(ct.METHODS), ct.SETTINGS, ct.TEXT_BASE_DIR, a.out, ct.SETTINGS.workers,
+             "python code/stage-09/text_sweep.py --finish", resume=True, run_more=False)
+    elif a.readme:
+        with open(os.path.join(a.out, "results.json")) as f:
+            write_sweep_readme(json.load(f), a.out)
+        print(f"wrote {os.path.join(a.out, 'README.md')}")
