@@ -21,7 +21,8 @@ The rule (``next_runs``), applied to one (task, method) whenever its runs so far
    where one seed suffices to pick.
 
 One pool of ``workers`` processes serves both tasks: a method's next runs are queued as
-soon as its previous ones are in, so neither core waits for a whole round.
+soon as its previous ones are in, so neither core waits for a whole round; Alice's runs go
+first, and a widened grid's run before the remaining first grids.
 """
 from __future__ import annotations
 
@@ -124,24 +125,35 @@ def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
     rows = {k: [r for r in done if (r["kind"], r["method"]) == k] for k in keys}
     pool = (_InProcess() if workers == 1 else
             ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
-    pending = {}
+    waiting, pending, order = [], {}, iter(range(10 ** 9))
     with pool:
         def queue(key):
+            """Queue ``key``'s next runs: Alice before authorship, a widened grid's or an
+            extra seed's run before the first grids' (they decide a choice sooner)."""
             for lr, seed in next_runs(*key, rows[key], grid(*key)):
+                first = lr in grid(*key) and seed == SWEEP_SEEDS[0]
+                waiting.append(((KINDS.index(key[0]), first, next(order)), key, lr, seed))
+
+        def submit():                   # at most ``workers`` runs in flight: the queue decides
+            while waiting and len(pending) < workers:
+                waiting.sort()
+                _, key, lr, seed = waiting.pop(0)
                 spec = run_spec(*key, lr, seed, settings, base_dir)
                 pending[pool.submit(run_or_diverge, spec)] = key
 
         for key in keys:
             queue(key)
+        submit()
         while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for f in done:
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for f in finished:
                 key = pending.pop(f)
                 row = f.result()
                 rows[key].append(row)
                 note(row, log)
-                if key not in pending.values():
+                if key not in pending.values() and not any(w[1] == key for w in waiting):
                     queue(key)
+            submit()
     return [r for k in keys for r in rows[k]]
 
 
