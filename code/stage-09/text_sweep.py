@@ -245,7 +245,7 @@ def choice_table(chosen) -> str:
                 cells += [""] * 5
                 continue
             cells += [f"{c['lr']:g}" + (" (edge)" if c["edge"] else ""), c["rates"],
-                      f"{c['value']:{spec}} ({c['seeds']} seeds)",
+                      f"{c['value']:{spec}}" + (f" ({c['seeds']} seeds)" if c["seeds"] > 1 else ""),
                       f"{c['runner_up_lr']:g}: {c['gap']:{spec}}" if c["gap"] is not None else "",
                       _fmt(c["seed_difference"], spec)]
         lines.append("| " + " | ".join(cells) + " |")

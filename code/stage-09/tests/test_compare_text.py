@@ -7,8 +7,7 @@ import pytest
 
 import compare_text as ct
 from checkpoint import load_model
-from text import WindowSampler, corpus_splits, fixed_windows, lm_loss
-from train import train
+from text import corpus_splits, fixed_windows, lm_loss
 import text_sweep
 from text_report import (README_MARKERS, authorship_finding, choose_classification_rates,
                          choose_learning_rates, findings, readme_with_block, summarize,
@@ -27,7 +26,7 @@ def held_out():
     return window, vx, vy, sx
 
 
-SHORT_STEPS, MARGIN = 20, 0.02     # a 20-step run lowers held-out Alice loss by 0.05-0.2 nats
+SHORT_STEPS, MARGIN = 40, 0.02     # a 40-step run lowers held-out Alice loss by 0.05-0.3 nats
 
 
 @pytest.mark.parametrize("method", list(ct.METHODS))
@@ -41,8 +40,8 @@ def test_each_method_lowers_alice_loss_and_disabled_is_the_base(method, held_out
     before = lm_loss(model, vx, vy)
     if method not in TOUCH and not method.startswith(("prefix", "prompt")):
         assert before == base_loss          # the identity at the start: exactly the base
-    train(model, WindowSampler(corpus_splits("alice")["train"], window, seed=0), SHORT_STEPS,
-          lr=ct.METHODS[method].lr, batch_size=8, warmup_steps=1, progress=False)
+    ct.adapt(model, corpus_splits("alice")["train"], SHORT_STEPS, ct.METHODS[method].lr,
+             batch_size=8, seed=0, window=window)          # the job's training, shorter
     after = lm_loss(model, vx, vy)
     assert after < before - MARGIN, f"{method}: held-out Alice loss {before:.4f} -> {after:.4f}"
     model.eval()
@@ -158,19 +157,21 @@ def test_sweep_widens_an_edge_then_seeds_the_best_two():
     bottom = _runs("adapt", {1e-3: [1.7], 3e-3: [1.9], 1e-2: [1.8]})
     assert text_sweep.next_runs("adapt", "m", bottom, grid) == [(3e-4, 0)]         # /3 past the bottom
     inside = _runs("adapt", {1e-3: [2.0], 3e-3: [1.7], 1e-2: [1.8]})
-    assert text_sweep.next_runs("adapt", "m", inside, grid) == [(3e-3, 1), (1e-2, 1)]
+    assert text_sweep.next_runs("adapt", "m", inside, grid, seeds=(0,)) == []       # settled
+    two = (0, 1)                                   # with a second seed: the best two get it
+    assert text_sweep.next_runs("adapt", "m", inside, grid, two) == [(3e-3, 1), (1e-2, 1)]
     seeded = _runs("adapt", {1e-3: [1.81], 3e-3: [1.7, 1.9], 1e-2: [1.75, 1.95]})  # means 1.80, 1.85
-    assert text_sweep.next_runs("adapt", "m", seeded, grid) == [(1e-3, 1)]         # new best two
+    assert text_sweep.next_runs("adapt", "m", seeded, grid, two) == [(1e-3, 1)]         # new best two
     moved = _runs("adapt", {1e-3: [2.0], 3e-3: [1.7, 1.9], 1e-2: [1.8, 1.75]})    # 1e-2 now best
-    assert text_sweep.next_runs("adapt", "m", moved, grid) == [(3e-2, 0)]
+    assert text_sweep.next_runs("adapt", "m", moved, grid, two) == [(3e-2, 0)]
     settled = _runs("adapt", {1e-3: [1.81, 1.82], 3e-3: [1.7, 1.9], 1e-2: [1.75, 1.95]})
-    assert text_sweep.next_runs("adapt", "m", settled, grid) == []
+    assert text_sweep.next_runs("adapt", "m", settled, grid, two) == []
     # accuracy: higher is better; the ladder's end is a hard limit
     accurate = _runs("classify", {1.0: [0.6], 3.0: [0.9]})
-    assert text_sweep.next_runs("classify", "m", accurate, (1.0, 3.0)) == [(3.0, 1), (1.0, 1)]
+    assert text_sweep.next_runs("classify", "m", accurate, (1.0, 3.0), two) == [(3.0, 1), (1.0, 1)]
     diverged = _runs("adapt", {1e-2: [1.9], 3e-2: [1.8]}) + [
         {"kind": "adapt", "method": "m", "lr": 1e-1, "seed": 0, "diverged": "nan"}]
-    assert text_sweep.next_runs("adapt", "m", diverged, (1e-2, 3e-2, 1e-1)) == [(3e-2, 1), (1e-2, 1)]
+    assert text_sweep.next_runs("adapt", "m", diverged, (1e-2, 3e-2, 1e-1), two) == [(3e-2, 1), (1e-2, 1)]
 
 
 def test_learning_rates_are_the_validation_sweeps_choice():
@@ -178,6 +179,8 @@ def test_learning_rates_are_the_validation_sweeps_choice():
     assert all(r["split"] == "validation" for r in sweep["runs"])
     assert sweep["meta"]["base"]["pretraining"]["dir"] == os.path.relpath(ct.TEXT_BASE_DIR, ct.ROOT)
     assert not sweep["meta"]["base"]["pretraining"].get("snapshot_of")
+    shipped = ct.base_record(ct.TEXT_BASE_DIR)          # the very base shipped now, not an earlier one
+    assert sweep["meta"]["base"]["pretraining"]["validation_loss"] == shipped["validation_loss"]
     assert choose_learning_rates(sweep) == {m: ct.method_spec(m).lr for m in choose_learning_rates(sweep)}
     assert choose_classification_rates(sweep) == {m: s.classify_lr for m, s in ct.METHODS.items()}
     for c in text_sweep.choices(sweep):
