@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh machine:
-#   make run    create/reuse .venv, install, run the main job (digit tasks, then real text)
+#   make run    create/reuse .venv, install, run the main job (digit tasks and real text,
+#               one pool of 2 processes; results/, results/text/, the README's blocks)
 #   make test   create/reuse .venv, install, run the whole test suite
+# and one checks the main job in about 2 minutes without touching the committed results:
+#   make quick  the same job with --quick (writes only results/quick/ and results/text_quick/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test bench clean
+.PHONY: run quick test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	cd code/stage-09 && ../../$(PY) compare.py && ../../$(PY) compare_text.py
+	cd code/stage-09 && ../../$(PY) main_job.py
+
+quick: $(STAMP)
+	cd code/stage-09 && ../../$(PY) main_job.py --quick
 
 # One BLAS thread: the suite's matrices are small, and a second thread only adds
 # contention (seen here: 30x slower matmuls when the machine is busy).

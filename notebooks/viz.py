@@ -16,8 +16,9 @@ own API lives here:
   prompt length) but not the settings;
 * ``time_interleaved``: median wall time of several functions timed in turn
   (A B C A B C ...), so a shared machine that slows down slows all of them alike;
-* ``effective_rank`` / ``entropy_effective_rank``: how many directions a weight
-  update really uses;
+* ``effective_rank`` / ``entropy_effective_rank`` / ``energy_captured``: how many
+  directions a weight update really uses; ``low_rank`` (its best rank-r part) and
+  ``random_like`` (a structureless matrix of the same shape and norm) to compare with;
 * ``ShiftedPositions``: the base model reading its tokens at positions
   ``shift..shift+T-1`` (what prompt tuning's ``"shift"`` convention does to it);
 * plots: one colour and marker per method (``method_style``, shared with
@@ -151,6 +152,29 @@ def entropy_effective_rank(singular_values) -> float:
     s = np.asarray(singular_values, dtype=np.float64)
     p = s[s > 0] / s.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def energy_captured(singular_values, r) -> float:
+    """Fraction of ``||M||_F^2 = sum s_i^2`` held by the top ``r`` singular directions:
+    how much of the matrix its best rank-``r`` approximation keeps (Eckart-Young)."""
+    s2 = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1] ** 2
+    return float(s2[:r].sum() / s2.sum()) if s2.sum() > 0 else 0.0
+
+
+def low_rank(matrix, r):
+    """The best rank-``r`` approximation of ``matrix (d, k)`` in the Frobenius norm:
+    ``U[:, :r] diag(s[:r]) V[:r]`` (``r=None``: the matrix itself), float64."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if r is None:
+        return m
+    U, s, Vt = np.linalg.svd(m, full_matrices=False)   # (d, q) (q,) (q, k), q = min(d, k)
+    return (U[:, :r] * s[:r]) @ Vt[:r]                   # (d, k), rank <= r
+
+
+def random_like(matrix, rng):
+    """A Gaussian matrix of ``matrix``'s shape and Frobenius norm: no structure, the same size."""
+    g = rng.standard_normal(np.shape(matrix))
+    return g * (np.linalg.norm(matrix) / np.linalg.norm(g))
 
 
 # ---- the base model at shifted positions ----------------------------------------

@@ -12,8 +12,8 @@ The report ends with one line ``RESULT {json}``; the adapter directory reloads
 with ``PeftModel.from_pretrained(load_model(base), DIR)``. Bad input -- a missing,
 empty or binary file, a text shorter than two windows, an unknown method, a
 non-positive ``--steps`` or ``--r`` -- stops with a message before anything is
-written; so does any failure during training (the adapter is written last, into
-a temporary directory renamed into place).
+written; so does any failure during training (the adapter is written last, by
+``save_pretrained``, all files at once).
 """
 from __future__ import annotations
 
@@ -24,9 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -112,20 +110,6 @@ def samples(model, tokenizer, prompt, seed):
             for i in range(2)]
 
 
-def save_atomically(model, out):
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".adapter-")
-    try:
-        model.save_pretrained(tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)                      # checked empty in parse_args
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def adapt_file(a) -> dict:
     """Everything after the input checks; prints the report, returns the RESULT dict."""
     text = read_text(a.file)
@@ -146,7 +130,7 @@ def adapt_file(a) -> dict:
     after = measure(model, target, source)
     samples_after = samples(model, tokenizer, prompt, a.seed)
     trainable, total = model.get_nb_trainable_parameters()
-    save_atomically(model, a.out)
+    model.save_pretrained(a.out)                 # all files at once (atomic_directory)
     report(a, lr, window, len(train_part), len(held_out), before, after, trainable, total,
            seconds, prompt, samples_before, samples_after)
     return {"file": a.file, "method": a.method, "r": a.r, "steps": a.steps, "seed": a.seed, "lr": lr,

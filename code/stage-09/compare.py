@@ -28,14 +28,14 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import jobs  # noqa: E402
 from accounting import memory_report  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from optim import AdamW, warmup_cosine  # noqa: E402
@@ -93,8 +93,22 @@ METHODS = {
 }
 RANKS = (1, 2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
+# The rank sweep runs the first seed only: its accuracy barely moved from seed to seed
+# when it had three (results/README.md's spread), and the main job must fit 20 minutes
+# on 2 cores (README: "How the job is run and what it costs"); the headline runs keep all.
+RANK_SWEEP_SEEDS = 1
 STEPS, QUICK_STEPS = 300, 60
 QUICK_SIZES = dict(n_test=100, n_forget=50, n_train=500)
+# What a run costs, to hand the main job's runs out longest first (jobs.py): CPU seconds
+# of one run at the comparison's sizes on DOWNSTREAM_TASKS[0] per method, a factor per
+# task, the share of lora_all's cost each unit of rank above 8 adds, and the base's
+# measurement (bench/job_costs.py measures them).
+RUN_CPU_S = {"full": 9.7, "lora_qv": 7.6, "lora_all": 9.5, "dora": 11.6, "ia3": 7.9,
+             "adapter": 8.4, "prefix": 7.5, "prefix_mlp": 6.9, "prompt": 8.9, "bitfit": 6.1,
+             "qlora": 10.6}
+TASK_COST = {"sort_desc": 1.0, "add3": 0.94, "is_sorted": 0.7}
+RANK_SLOPE = 0.005
+BASE_CPU_S = 0.4
 LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 SWEEP_DIR = os.path.join(RESULTS_DIR, "lr_sweep")
 CHOSEN_CSV = os.path.join(SWEEP_DIR, "chosen.csv")
@@ -151,7 +165,7 @@ class RunSpec:
     batch_size: int = 32
     n_train: int = 2000
     n_test: int = 500
-    n_forget: int = 200
+    n_forget: int = 100          # per pretraining task, scored adapter on and off (forgetting)
     rank: int | None = None      # rank-sweep runs override LoRA's r
     lr: float | None = None      # --lr-sweep overrides the method's chosen rate
     split: str = "test"          # the held-out set scored: "validation" in the sweep
@@ -227,8 +241,7 @@ def run(spec: RunSpec) -> dict:
     and the pretraining tasks' cross-entropy (the tie-break)."""
     model, optimizer, losses, times = finetune(spec)
     trainable, total = model.get_nb_trainable_parameters()
-    row = {"method": spec.method, "task": spec.task, "seed": spec.seed, "rank": spec.rank,
-           "lr": spec.lr, "steps": spec.steps, "split": spec.split,
+    row = {**asdict(spec),                   # every setting of the run, then what it measured
            "final_loss": losses[-1] if losses else float("nan"),
            "trainable_params": trainable, "total_params": total,
            "trainable_pct": 100.0 * trainable / total,
@@ -254,21 +267,24 @@ def base_metrics(n_forget):
     return {"pretrain_accuracy": acc, "pretrain_ce": ce}
 
 
+def estimated_cpu_s(spec: RunSpec) -> float:
+    """A run's CPU seconds, roughly (``RUN_CPU_S`` scaled to its task, rank and steps)."""
+    method = "lora_all" if spec.rank is not None else spec.method
+    rank = 1 + RANK_SLOPE * ((spec.rank or 8) - 8)
+    return (RUN_CPU_S.get(method, max(RUN_CPU_S.values())) * TASK_COST.get(spec.task, 1.0) * rank
+            * spec.steps * spec.batch_size / (STEPS * RunSpec.batch_size))
+
+
 def run_all(specs, workers=2, progress=True, log=None):
-    """Every run, ``workers`` at a time; with ``log``, each finished row is also
-    appended there as a JSON line (a long run that dies keeps what it measured)."""
-    from tqdm import tqdm          # (here: notebooks import this module and never show a bar)
-    rows = []
-    # "spawn": a fresh interpreter per worker (a forked child would inherit dead
-    # thread pools and locks from the parent)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        for row in tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
-                        desc="fine-tuning runs"):
-            rows.append(row)
-            if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    return rows
+    """Every run, ``workers`` at a time, longest first (``jobs.execute``); with ``log``,
+    each finished row is also appended there as a JSON line (a long run that dies
+    keeps what it measured)."""
+    def record(_, row):
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return jobs.execute([(run, s) for s in specs], [estimated_cpu_s(s) for s in specs], workers,
+                        progress, "fine-tuning runs", record)[0]
 
 
 def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=False):
@@ -279,7 +295,7 @@ def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=Fa
     specs = [RunSpec(m, t, s, steps, **kw) for m in methods for t in tasks for s in seeds]
     if rank_sweep and not quick:
         specs += [RunSpec("lora_all", tasks[0], s, steps, rank=r, **kw)
-                  for r in RANKS if r != 8 for s in seeds]
+                  for r in RANKS if r != 8 for s in seeds[:RANK_SWEEP_SEEDS]]
     return specs
 
 
@@ -294,7 +310,9 @@ def output_dir(out, full, lr_sweep):
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, checked; ``full`` is True only for the committed comparison's
+    own settings (or the whole sweep), and ``out`` is where the results may go."""
     p = argparse.ArgumentParser(description="Fine-tune the pretrained base with every PEFT method.")
     p.add_argument("--quick", action="store_true", help="every method, one task, one seed, short")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -308,42 +326,70 @@ def main(argv=None):
     p.add_argument("--lr-sweep", action="store_true", help="instead of the comparison, sweep "
                    "learning rates on the validation split (seed 0) and write the chosen table")
     a = p.parse_args(argv)
-    methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    a.methods = a.methods.split(",")
+    unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    tasks = ["add3"] if a.quick and a.tasks == ",".join(DOWNSTREAM_TASKS) else a.tasks.split(",")
-    seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
-    steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
-    full = (not a.quick and a.steps is None and methods == list(METHODS)
-            and tasks == list(DOWNSTREAM_TASKS) and (a.lr_sweep or (seeds == list(SEEDS)
-                                                                    and not a.no_rank_sweep)))
-    out = output_dir(a.out, full, a.lr_sweep)
-    specs = plan(methods, tasks, seeds, steps, a.quick, not a.no_rank_sweep, a.lr_sweep)
+    a.tasks = (["add3"] if a.quick and a.tasks == ",".join(DOWNSTREAM_TASKS)
+               else a.tasks.split(","))
+    a.seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
+    a.full = (not a.quick and a.steps is None and a.methods == list(METHODS)
+              and a.tasks == list(DOWNSTREAM_TASKS) and (a.lr_sweep or (
+                  a.seeds == list(SEEDS) and not a.no_rank_sweep)))
+    a.steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
+    a.out = output_dir(a.out, a.full, a.lr_sweep)
+    a.command = " ".join(["python code/stage-09/compare.py"] + list(
+        argv if argv is not None else sys.argv[1:]))
+    return a
+
+
+def comparison_job(a) -> jobs.Job:
+    """The comparison of ``parse_args``'s settings as one ``jobs.Job`` (``main_job.py``
+    runs it in one pool with the real-text comparison)."""
+    specs = plan(a.methods, a.tasks, a.seeds, a.steps, a.quick, not a.no_rank_sweep)
+    n_forget = QUICK_SIZES["n_forget"] if a.quick else RunSpec.n_forget
+    os.makedirs(a.out, exist_ok=True)
+
+    def finish(rows, base, timing):
+        import report
+        report.write_results(rows, base, a.out, command=a.command, timing=timing)
+        if a.full and a.out == RESULTS_DIR:              # the README quotes these results
+            report.update_readme(os.path.join(HERE, "..", "..", "README.md"), a.out)
+
+    return jobs.Job("digit", run, specs, estimated_cpu_s, base_metrics, n_forget,
+                    BASE_CPU_S * n_forget / RunSpec.n_forget, finish,
+                    log=os.path.join(a.out, "progress.jsonl"))
+
+
+def lr_sweep(a):
+    """``--lr-sweep``: the grid on the validation split, grown past edge winners."""
+    import report
+    specs = plan(a.methods, a.tasks, a.seeds, a.steps, a.quick, lr_sweep=True)
     start = time.perf_counter()
     base = base_metrics(QUICK_SIZES["n_forget"] if a.quick else RunSpec.n_forget)
-    os.makedirs(out, exist_ok=True)
-    log = os.path.join(out, "progress.jsonl")            # removed once the results are written
+    os.makedirs(a.out, exist_ok=True)
+    log = os.path.join(a.out, "progress.jsonl")            # removed once the results are written
     if os.path.exists(log):
         os.remove(log)
     rows = run_all(specs, a.workers, log=log)
-    import report
-    for _ in range(SWEEP_EXTENSIONS if a.lr_sweep else 0):   # the best at an edge: one step further
+    for _ in range(SWEEP_EXTENSIONS):                        # the best at an edge: one step further
         tried = {(r["method"], r["task"], r["lr"]) for r in rows}
         extra = beyond_edges(report.choose_learning_rates(report.aggregate(rows, base)), tried)
         if not extra:
             break
-        rows += run_all([RunSpec(m, t, seeds[0], steps, lr=lr, split="validation",
+        rows += run_all([RunSpec(m, t, a.seeds[0], a.steps, lr=lr, split="validation",
                                  **(dict(QUICK_SIZES) if a.quick else {})) for m, t, lr in extra],
                         a.workers, log=log)
-    seconds = time.perf_counter() - start
-    command = "python code/stage-09/compare.py " + " ".join(argv if argv is not None else
-                                                             __import__("sys").argv[1:])
-    write = report.write_sweep if a.lr_sweep else report.write_results
-    write(rows, base, out, command=command.strip(), machine=machine(), seconds=seconds)
+    report.write_sweep(rows, base, a.out, command=a.command, machine=machine(),
+                       seconds=time.perf_counter() - start)
     os.remove(log)
-    if full and not a.lr_sweep and out == RESULTS_DIR:      # the README quotes these results
-        report.update_readme(os.path.join(HERE, "..", "..", "README.md"), out)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.lr_sweep:
+        return lr_sweep(a)
+    jobs.run_jobs([comparison_job(a)], a.workers, a.command)
 
 
 if __name__ == "__main__":

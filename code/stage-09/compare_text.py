@@ -29,18 +29,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import multiprocessing as mp  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
+import jobs  # noqa: E402
 from accounting import memory_report  # noqa: E402
 from checkpoint import load_model  # noqa: E402
+from generate import window_limit  # noqa: E402
 from optim import AdamW  # noqa: E402
 from peft_config import ALL_LINEARS  # noqa: E402
 from peft_model import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: E402
@@ -119,9 +117,10 @@ METHODS = {
                            why="LoRA r=8 on every linear"),
     "dora": TextMethod(_lora(ALL_LINEARS, use_dora=True), 1e-2, (3e-3, 1e-2, 3e-2),
                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), why="DoRA r=8 on every linear"),
-    "qlora": TextMethod(_lora(ALL_LINEARS), 1e-2, (3e-3, 1e-2, 3e-2), 1e-2, (1e-3, 3e-3, 1e-2, 3e-2),
-                        quantize=True, why="LoRA r=8 on every linear over an NF4 base"),
-    "lora_tokens": TextMethod(_lora_new_tokens, 1e-2, (3e-3, 1e-2, 3e-2), 3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
+    "qlora": TextMethod(_lora(ALL_LINEARS), 1e-2, (3e-3, 1e-2, 3e-2),
+                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), quantize=True, why="LoRA r=8 on every linear over an NF4 base"),
+    "lora_tokens": TextMethod(_lora_new_tokens, 1e-2, (3e-3, 1e-2, 3e-2),
+                              3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
                               why="LoRA r=8 on every linear + the embedding rows of Alice's new "
                                   "characters (trainable_token_indices)"),
     "ia3": TextMethod(lambda r=None: IA3Config(), 1e-1, (3e-2, 1e-1, 3e-1), 1e-1, (3e-2, 1e-1, 3e-1),
@@ -132,9 +131,11 @@ METHODS = {
                            1e-2, (1e-3, 3e-3, 1e-2, 3e-2), why="parallel adapters, bottleneck 16"),
     "prefix": TextMethod(_prefix(False), 3e-1, (3e-2, 1e-1, 3e-1, 1e0), 1e-1, (3e-2, 1e-1, 3e-1, 1e0),
                          why=f"{VIRTUAL_TOKENS} virtual tokens, the key/value table trained directly"),
-    "prefix_mlp": TextMethod(_prefix(True), 3e-2, (3e-3, 1e-2, 3e-2, 1e-1), 3e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "prefix_mlp": TextMethod(_prefix(True), 3e-2, (3e-3, 1e-2, 3e-2, 1e-1),
+                             3e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                              why=f"{VIRTUAL_TOKENS} virtual tokens through a 64-unit MLP"),
-    "prompt": TextMethod(_prompt("TEXT", "shift"), 3e-2, (1e-2, 3e-2, 1e-1), 1e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "prompt": TextMethod(_prompt("TEXT", "shift"), 3e-2, (1e-2, 3e-2, 1e-1),
+                         1e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
                          why=f"{VIRTUAL_TOKENS} soft input tokens, started as the embeddings of "
                              f"{PROMPT_INIT_TEXT!r} at positions 0-{VIRTUAL_TOKENS - 1}"),
     "bitfit": TextMethod(lambda r=None: BitFitConfig(), 1e-1, (1e-2, 3e-2, 1e-1, 3e-1),
@@ -165,10 +166,10 @@ class TextSettings:
     seeds: tuple = (0, 1, 2)
     ranks: tuple = (1, 4, 8, 16, 64)             # rank sweep; r=8 is the headline run
     rank_methods: tuple = ("lora_qv", "lora_all")
-    rank_seeds: tuple = (0, 1)
+    rank_seeds: tuple = (0,)                     # one seed: see README, "what it costs"
     fractions: tuple = (0.01, 0.1)               # of Alice's training split (1.0 is the headline)
     fraction_methods: tuple = ("full", "lora_all", "ia3")
-    fraction_seeds: tuple = (0, 1)
+    fraction_seeds: tuple = (0,)
     eval_windows: int = 128                      # fixed windows per split for every loss
     classify_steps: int = 30
     classify_seeds: tuple = (0, 1, 2)
@@ -184,6 +185,17 @@ QUICK = replace(SETTINGS, steps=10, batch_size=8, window=32, seeds=(0,), ranks=(
                 fraction_methods=("lora_all",), fraction_seeds=(0,), eval_windows=8,
                 classify_steps=8, classify_seeds=(0,), classify_train=20, classify_validation=10,
                 classify_test=10)
+
+# What a run costs, to hand the main job's runs out longest first (jobs.py): CPU seconds
+# of one Alice run at SETTINGS' sizes per method (r=8), the share of it each unit of
+# LoRA's rank above 8 adds, an authorship run's cost relative to an Alice run's, and
+# the base's measurement (bench/job_costs.py measures them).
+RUN_CPU_S = {"full": 15.7, "lora_qv": 12.8, "lora_all": 15.7, "dora": 17.7, "qlora": 17.3,
+             "lora_tokens": 14.6, "ia3": 13.2, "houlsby": 12.3, "parallel": 14.0, "prefix": 11.9,
+             "prefix_mlp": 12.6, "prompt": 12.9, "bitfit": 12.9}
+RANK_SLOPE = 0.002
+CLASSIFY_COST = 0.75
+BASE_CPU_S = 2.8
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,7 @@ class RunSpec:
 def window_length(config, window=None) -> int:
     """Tokens per window: ``window``, at most the context minus room for prompt tuning's
     virtual tokens (the same windows for every method, so their losses compare)."""
-    longest = config.context_length - VIRTUAL_TOKENS
+    longest = window_limit(config.context_length, VIRTUAL_TOKENS, VIRTUAL_TOKENS)   # shifted or not
     return longest if window is None else min(window, longest)
 
 
@@ -286,14 +298,21 @@ def losses(model, sets, split):
     return row
 
 
+def headline(spec: RunSpec) -> bool:
+    """A run of the table's rows: rank 8 (or no rank), all of Alice's training text."""
+    return spec.kind == "adapt" and spec.rank == 8 and spec.fraction == 1.0
+
+
 def run(spec: RunSpec) -> dict:
     """One run; returns a flat dict of settings and measurements."""
     model = build(spec.method, spec.base_dir, spec.rank, spec.seed)
     window = window_length(model.config, None if spec.kind == "classify" else spec.window)
     row = {"kind": spec.kind, "method": spec.method, "rank": spec.rank, "fraction": spec.fraction,
            "seed": spec.seed, "lr": spec.lr, "steps": spec.steps, "batch_size": spec.batch_size,
-           "window": window, "split": spec.split}
+           "window": window, "split": spec.split, "eval_windows": spec.eval_windows,
+           "base": os.path.relpath(spec.base_dir, ROOT)}
     if spec.kind == "classify":
+        row["n_train"] = spec.n_train
         scores, step_s = train_and_score(model, window, spec.steps, spec.lr, spec.batch_size,
                                          spec.seed, spec.n_train, spec.n_test, spec.split)
         row.update(scores)
@@ -303,16 +322,22 @@ def run(spec: RunSpec) -> dict:
                                      spec.batch_size, spec.seed, window)
         row["trainable_state_bytes"] = memory_report(model, optimizer)["trainable_state"]
         row.update(losses(model, sets, spec.split))
-        if spec.seed == 0 and spec.fraction == 1.0 and spec.rank == 8 and spec.split == "test":
+        if spec.seed == 0 and headline(spec) and spec.split == "test":
             row["sample"] = sample(model)
     trainable, total = model.get_nb_trainable_parameters()
     row.update({"trainable_params": trainable, "trainable_pct": 100.0 * trainable / total,
                 "step_ms": 1000 * step_s, "adapter_bytes": adapter_bytes(model)})
     if spec.kind == "classify":
         return row
-    if spec.split == "test":          # the sweep's choice is made on validation; report both
+    if spec.split == "test" and headline(spec):    # the sweep chose on validation: report both
         row.update({f"val_{k}": v for k, v in losses(model, sets, "validation").items()})
     return row
+
+
+def base_measurement(args) -> dict:
+    """``base_losses`` and ``base_record`` of ``(base_dir, n_windows, window)`` (a pool task)."""
+    base_dir, n_windows, window = args
+    return {**base_losses(base_dir, n_windows, window), "pretraining": base_record(base_dir)}
 
 
 def base_losses(base_dir, n_windows, window) -> dict:
@@ -340,8 +365,8 @@ def base_record(base_dir) -> dict:
 
 
 def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, classify=True):
-    """Every run of the job, most expensive first (the two workers finish together).
-    The learning-rate sweep plans its own runs (``text_sweep.next_runs``)."""
+    """Every run of the job (``jobs.execute`` hands them out longest first). The
+    learning-rate sweep plans its own runs (``text_sweep.next_runs``)."""
     common = dict(steps=s.steps, batch_size=s.batch_size, eval_windows=s.eval_windows,
                   window=s.window, base_dir=base_dir)
     specs = [RunSpec(m, seed, lr=METHODS[m].lr, **common) for m in methods for seed in s.seeds]
@@ -353,19 +378,29 @@ def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, classify=True):
         specs += [RunSpec(m, seed, s.classify_steps, s.batch_size, s.eval_windows, METHODS[m].classify_lr,
                           kind="classify", base_dir=base_dir, n_train=s.classify_train,
                           n_test=s.classify_test) for m in methods for seed in s.classify_seeds]
-    cost = {"qlora": 1.4, "dora": 1.3, "full": 1.2}
-    return sorted(specs, key=lambda r: -(r.steps * cost.get(r.method, 1.0) * (r.rank / 64 + 1)))
+    return specs
+
+
+def estimated_cpu_s(spec: RunSpec) -> float:
+    """A run's CPU seconds, roughly (``RUN_CPU_S`` scaled to its kind, rank and size)."""
+    rank = 1 + RANK_SLOPE * (spec.rank - 8) if spec.method.startswith("lora") else 1.0
+    size = spec.steps * spec.batch_size * spec.window / (SETTINGS.steps * SETTINGS.batch_size
+                                                         * SETTINGS.window)
+    if spec.kind == "classify":
+        size *= CLASSIFY_COST * SETTINGS.steps / SETTINGS.classify_steps
+    return RUN_CPU_S.get(spec.method, max(RUN_CPU_S.values())) * rank * size
 
 
 def run_all(specs, workers=2, progress=True):
-    if workers == 1:
-        return [run(s) for s in tqdm(specs, disable=not progress, desc="text runs")]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(run, specs), total=len(specs), disable=not progress,
-                         desc="text runs"))
+    """Every run, ``workers`` at a time, longest first (``jobs.execute``)."""
+    return jobs.execute([(run, s) for s in specs], [estimated_cpu_s(s) for s in specs], workers,
+                        progress, "text runs")[0]
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, checked; ``full``: the committed job's own settings (or the whole
+    sweep); ``out``: where the results may go (a quick or partial run never writes the
+    committed ``results/text/``)."""
     p = argparse.ArgumentParser(description="Adapt the Shakespeare base to Alice with every method.")
     p.add_argument("--quick", action="store_true", help="one seed, short runs; writes results/text_quick/")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -377,38 +412,58 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=SETTINGS.workers)
     p.add_argument("--base", default=TEXT_BASE_DIR, help="the pretrained text base's directory")
     p.add_argument("--out", default=None, help="results directory (default: results/text/, "
-                   "results/text_quick/ with --quick, results/text/lr_sweep/ with --lr-sweep)")
+                   "results/text/lr_sweep/ with --lr-sweep; results/text_quick/ for --quick or "
+                   "any partial run)")
     a = p.parse_args(argv)
-    methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    a.methods = a.methods.split(",")
+    unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    settings = QUICK if a.quick else SETTINGS
+    a.settings = QUICK if a.quick else SETTINGS
     if a.steps is not None:
         if a.steps < 1:
             raise SystemExit(f"--steps must be at least 1, got {a.steps}")
-        settings = replace(settings, steps=a.steps)
-    out = a.out or (QUICK_DIR if a.quick else os.path.join(RESULTS_DIR, "lr_sweep") if a.lr_sweep
-                    else RESULTS_DIR)
-    if a.quick and os.path.abspath(out) == os.path.abspath(RESULTS_DIR):
-        raise SystemExit(f"--quick never writes the full results: choose another --out than {out}")
-    if a.lr_sweep:
+        a.settings = replace(a.settings, steps=a.steps)
+    a.full = (a.settings == SETTINGS and a.methods == list(METHODS)
+              and os.path.realpath(a.base) == os.path.realpath(TEXT_BASE_DIR))
+    committed = os.path.join(RESULTS_DIR, "lr_sweep") if a.lr_sweep else RESULTS_DIR
+    if a.out is None:
+        a.out = committed if a.full else os.path.join(QUICK_DIR, "lr_sweep" if a.lr_sweep else "")
+    elif not a.full and os.path.realpath(a.out) in {
+            os.path.realpath(d) for d in (RESULTS_DIR, os.path.join(RESULTS_DIR, "lr_sweep"))}:
+        raise SystemExit(f"--out {a.out}: --quick or a partial run never writes the full results; "
+                         f"leave --out unset (it writes to {QUICK_DIR})")
+    a.command = " ".join(["python code/stage-09/compare_text.py"] + list(
+        argv if argv is not None else sys.argv[1:]))
+    return a
+
+
+def comparison_job(a) -> jobs.Job:
+    """The runs of ``parse_args``'s settings as one ``jobs.Job`` (``main_job.py`` runs it in
+    one pool with the digit comparison)."""
+    s = a.settings
+    specs = plan(s, a.methods, a.base)
+    os.makedirs(a.out, exist_ok=True)
+
+    def finish(rows, base, timing):
+        from text_report import update_readme, write_text_results
+        write_text_results(rows, base, a.out, command=a.command, timing=timing, settings=s,
+                           methods=METHODS, sweep=a.lr_sweep, sample=SAMPLE)
+        if a.full and not a.lr_sweep and a.out == RESULTS_DIR:   # the README quotes these
+            update_readme(os.path.join(ROOT, "README.md"), os.path.join(a.out, "results.json"))
+
+    base_cost = BASE_CPU_S * s.eval_windows * s.window / (SETTINGS.eval_windows * SETTINGS.window)
+    return jobs.Job("text", run, specs, estimated_cpu_s, base_measurement,
+                    (a.base, s.eval_windows, s.window), base_cost, finish)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.lr_sweep:                   # its own loop: each method's next rates follow its results
         import text_sweep
-        return text_sweep.main(methods, settings, a.base, out, a.workers, " ".join(
-            ["python code/stage-09/compare_text.py"] + (argv if argv is not None else sys.argv[1:])),
-            resume=a.resume)
-    specs = plan(settings, methods, a.base)
-    start, load_before = time.perf_counter(), os.getloadavg()
-    base = base_losses(a.base, settings.eval_windows, settings.window)
-    base["pretraining"] = base_record(a.base)
-    rows = run_all(specs, a.workers)
-    seconds = time.perf_counter() - start
-    load = [round(x, 2) for x in load_before + os.getloadavg()]
-    from text_report import write_text_results
-    command = " ".join(["python code/stage-09/compare_text.py"] + (argv if argv is not None
-                                                                    else sys.argv[1:]))
-    write_text_results(rows, base, out, command=command, seconds=seconds, settings=settings,
-                       methods=METHODS, sweep=a.lr_sweep, load=load, sample=SAMPLE)
+        return text_sweep.main(a.methods, a.settings, a.base, a.out, a.workers, a.command,
+                               resume=a.resume)
+    jobs.run_jobs([comparison_job(a)], a.workers, a.command)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ sequence fits, the cached step computes what the full forward would. Once it is
 longer, a full forward sees only the last ``limit`` tokens at positions starting
 again from the first: every earlier key would have to move, so from there on each
 step is a full forward on the window (a sliding window), exactly as without cache.
-``limit`` is the context minus the positions the method's virtual tokens occupy;
-it is read from one probe forward of one token, so it is right for every method
-and position convention.
+``limit`` is the context minus the positions the method's virtual tokens occupy
+(``window_limit``, the rule ``PeftModel`` checks its inputs with too); what the
+method does is read from one probe forward of one token, so it is right for
+every method and position convention.
 
 **Sampling.** ``temperature`` divides the logits (0 means greedy: the argmax);
 ``top_k`` keeps the ``k`` largest logits (ties with the ``k``-th included); the draw
@@ -45,18 +46,33 @@ def _base(model):
     return getattr(model, "base_model", model)
 
 
+def window_limit(context_length, virtual_tokens, first_position) -> int:
+    """How many real tokens one forward takes: the context less the positions the
+    method's virtual tokens occupy. The one rule, for ``generate``'s window and
+    ``PeftModel.position_budget`` (and so ``PeftModel.forward``'s check) alike.
+
+    Virtual tokens take positions in one of two ways: they sit in the sequence
+    (a soft prompt: the blocks see ``virtual_tokens + T`` vectors), or they move the
+    real tokens' positions up (``position_convention="shift"``: the first real token
+    is at ``first_position``), or both at once (a shifted prompt: ``P`` vectors at
+    ``0..P-1``, the tokens from ``P``). Either way they occupy
+    ``max(virtual_tokens, first_position)`` of the ``context_length`` positions.
+    """
+    return context_length - max(virtual_tokens, first_position)
+
+
 def window_layout(model, forward=None) -> tuple[int, int]:
     """``(limit, offset)``: how many real tokens one forward takes, and the position of the first.
 
-    Probed with one token: a method may put virtual tokens in the sequence (prompt
-    tuning: the blocks see ``P + T`` vectors) or move the real tokens' positions
-    (``position_convention="shift"``: they start at ``P``).
+    Probed with one token (so a ``forward`` wrapper that moves positions is seen too):
+    the blocks' input length gives the virtual tokens in the sequence, the position
+    ids the offset; ``window_limit`` turns them into the limit.
     """
     base = _base(model)
     (forward or model.forward)(np.zeros((1, 1), dtype=np.int64))
     offset = int(np.asarray(base.embed_positions.ids).reshape(-1)[0])
     virtual = base.h.shape[1] - 1                           # blocks saw (1, 1 + virtual, D)
-    return base.config.context_length - max(virtual, offset), offset
+    return window_limit(base.config.context_length, virtual, offset), offset
 
 
 def read_cache(model) -> list:

@@ -40,8 +40,9 @@ Where the two models differ, and what the export does about it:
   modules from the file's tensor names, so any ``target_modules`` form peft
   accepts ("all-linear", a regex, ``layers_to_transform``) reads the same.
 
-Files are written atomically (``checkpoint.save_tensors``/``save_json``) and read
-with safetensors and JSON only: nothing is ever unpickled.
+Each directory is written at once (``checkpoint.atomic_directory``): a failure
+half-way leaves the previous export whole, never new weights beside an old
+config. Files are read with safetensors and JSON only: nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import warnings
 
 import numpy as np
 
-from checkpoint import load_json, load_model, save_json, save_tensors
+from checkpoint import atomic_directory, load_json, load_model, save_json, save_tensors
 from hf_names import (ADAPTER_PREFIX, MODULE_NAMES, from_hf_name, hf_targets,  # noqa: F401
                       to_hf_name)
 from nn import LayerNorm
@@ -149,9 +150,9 @@ def export_base(model, directory, dtype=np.float32, **token_ids) -> str:
     """
     tensors = base_tensors(model, dtype)
     config = opt_config(_gpt_of(model).config, np.dtype(dtype).name, **token_ids)
-    os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata=SAFETENSORS_METADATA)
-    save_json(os.path.join(directory, CONFIG_NAME), config)
+    with atomic_directory(directory) as tmp:     # both files or neither (other files are kept)
+        save_tensors(os.path.join(tmp, WEIGHTS_NAME), tensors, metadata=SAFETENSORS_METADATA)
+        save_json(os.path.join(tmp, CONFIG_NAME), config)
     return directory
 
 
@@ -185,6 +186,16 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
     convention only) and prefix tuning. ``base_model_name_or_path`` goes into the
     config (where ``AutoPeftModelForCausalLM`` looks for the base).
     """
+    files = hf_adapter_files(peft_model, adapter_name, base_model_name_or_path, dtype)
+    with atomic_directory(directory) as tmp:        # both files or neither
+        write_adapter(tmp, *files)
+    return directory
+
+
+def hf_adapter_files(peft_model, adapter_name=None, base_model_name_or_path=None,
+                     dtype=np.float32):
+    """``(adapter_config.json dict, {key: array})`` that ``export_adapter`` writes, after
+    every check (so a caller can check everything before it writes anything)."""
     name = adapter_name or single_active(peft_model)
     if name not in peft_model.adapters:
         raise ValueError(f"unknown adapter {name!r}; known adapters: {sorted(peft_model.adapters)}")
@@ -196,10 +207,7 @@ def export_adapter(peft_model, directory, adapter_name=None, base_model_name_or_
                          f"fine-tuned model itself with export_base(model.base_model).")
     _gpt_of(peft_model)                             # refuses merged weights
     _check_expressible(state)
-    config, tensors = adapter_files(peft_model, name, base_model_name_or_path, dtype,
-                                    extensions=False)
-    write_adapter(directory, config, tensors)
-    return directory
+    return adapter_files(peft_model, name, base_model_name_or_path, dtype, extensions=False)
 
 
 # ------------------------------------------------------------- LoRA back in
@@ -240,17 +248,29 @@ def main(argv=None):
 
 
 def export(args):
-    model = load_model(args.base)
-    export_base(model, args.out)
+    """Read and check everything, then write: the base and an adapter inside it (the
+    default ``OUT/adapter``) as one directory, all at once; an ``--adapter-out``
+    elsewhere is a second directory, written after the first."""
+    model, files = load_model(args.base), None
+    out = os.path.abspath(args.out)
+    adapter_out = os.path.abspath(args.adapter_out or os.path.join(out, "adapter"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PositionConventionWarning)
+        if args.adapter:      # onto a second copy: a bias="all" adapter loads its biases into the base
+            adapted = PeftModel.from_pretrained(load_model(args.base), args.adapter)
+            files = hf_adapter_files(adapted, base_model_name_or_path=out)
+    inside = os.path.commonpath([out, adapter_out]) == out
+    with atomic_directory(out) as tmp:
+        export_base(model, tmp)
+        if files and inside:
+            write_adapter(os.path.join(tmp, os.path.relpath(adapter_out, out)), *files)
+    if files and not inside:
+        with atomic_directory(adapter_out) as tmp:
+            write_adapter(tmp, *files)
     print(f"base model -> {args.out} (load with OPTForCausalLM.from_pretrained)")
-    if args.adapter:
-        adapter_out = args.adapter_out or os.path.join(args.out, "adapter")
-        peft_model = PeftModel.from_pretrained(model, args.adapter)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PositionConventionWarning)
-            export_adapter(peft_model, adapter_out, base_model_name_or_path=os.path.abspath(args.out))
-        for w in caught:
-            print(f"note: {w.message}")
+    for w in caught:
+        print(f"note: {w.message}")
+    if files:
         print(f"adapter -> {adapter_out} (load with peft.PeftModel.from_pretrained(base, dir))")
 
 

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from checkpoint import load_json, save_json, save_tensors
+from checkpoint import atomic_directory, load_json, save_json, save_tensors
 from gpt2 import GPT2LMHeadModel
 from hf_export import POSITION_OFFSET
 from hf_names import to_hf_name
@@ -313,7 +313,8 @@ def gpt2_config_json(config: GPTConfig) -> dict:
 
 def save_gpt2_checkpoint(model, directory) -> str:
     """Write a loaded (or built) GPT-2 as a Hugging Face folder: ``GPT2LMHeadModel.from_pretrained`` reads it."""
-    os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, WEIGHTS_NAME), gpt2_state_dict(model), metadata={"format": "pt"})
-    save_json(os.path.join(directory, CONFIG_NAME), gpt2_config_json(getattr(model, "base_model", model).config))
+    tensors, config = gpt2_state_dict(model), gpt2_config_json(getattr(model, "base_model", model).config)
+    with atomic_directory(directory) as tmp:         # both files or neither
+        save_tensors(os.path.join(tmp, WEIGHTS_NAME), tensors, metadata={"format": "pt"})
+        save_json(os.path.join(tmp, CONFIG_NAME), config)
     return directory

@@ -36,7 +36,7 @@ import re
 import sys
 import unicodedata
 
-from checkpoint import load_json
+from checkpoint import atomic_directory, atomic_write_text, load_json
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,9 +230,7 @@ def write_byte_vocabulary(directory) -> str:
     tokenizer is at hand; ``load_hf_tokenizer`` reads it like any other."""
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     vocab["<|endoftext|>"] = len(vocab)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
+    with atomic_directory(directory) as tmp:         # both files or neither
+        atomic_write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
+        atomic_write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n")
     return directory

@@ -181,9 +181,10 @@ def adapter_files(peft_model, adapter_name, base_model_name_or_path=None, dtype=
 
 
 def write_adapter(directory, config, tensors, base_config=None):
-    """The two files, each written atomically (``checkpoint.save_tensors`` / ``save_json``);
-    ``base_config`` (a ``GPTConfig`` dict) goes into the safetensors metadata, where peft
-    does not look, so that a load into another base can be refused."""
+    """The two files, into a directory an ``atomic_directory`` block is filling (the
+    callers' ``with``: both files or neither); ``base_config`` (a ``GPTConfig`` dict)
+    goes into the safetensors metadata, where peft does not look, so that a load into
+    another base can be refused."""
     os.makedirs(directory, exist_ok=True)
     metadata = dict(SAFETENSORS_METADATA)
     if base_config is not None:

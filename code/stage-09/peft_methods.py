@@ -183,10 +183,7 @@ class PromptEncoder(PromptTuning):
         self.position_convention = config.position_convention
 
     def embed_with_prompt(self, base, tokens, attention_mask):
-        P, T = self.prompt_length, tokens.shape[1]
-        if P + T > base.config.context_length:
-            raise ValueError(f"{P} virtual tokens + sequence length {T} = {P + T} exceeds "
-                             f"context_length {base.config.context_length}")
+        P, T = self.prompt_length, tokens.shape[1]     # (PeftModel checked that P + T fits)
         shift = self.position_convention == "shift"
         x = base.embed(tokens, np.arange(P, P + T) if shift else None)   # (B, T, D)
         full = self.forward(x)                                            # (B, P+T, D)

@@ -18,6 +18,9 @@ model (docs/ARCHITECTURE.md's table):
   ``PeftModel.forward`` calls at the embedding seam or inside attention.
 * parameter methods (BitFit, LoRA's ``bias`` modes, full fine-tuning) only
   change which base parameters are trainable.
+
+Merging, unloading, ``disable_adapter`` and ``add_weighted_adapter`` come from
+``peft_merge.MergeMixin``; saving and loading are ``peft_io``'s.
 """
 from __future__ import annotations
 
@@ -29,16 +32,17 @@ import bottleneck  # noqa: F401  (registers BottleneckMethod)
 import ia3  # noqa: F401  (registers IA3Method)
 import peft_io
 import peft_methods  # noqa: F401  (registers LoRA, prefix, prompt, BitFit, full)
-from generate import generate
+from generate import generate, window_limit
 from nn import Module, parameter_owner, set_submodule
 from validate import adapter_name as check_adapter_name
 from optim import AdamW
 from peft_base import AdapterState, method_for  # noqa: F401  (AdapterState re-exported)
 from peft_config import (BitFitConfig, BottleneckConfig, FullFineTuningConfig, IA3Config,  # noqa: F401
                          LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType)
+from peft_merge import MergeMixin
 
 
-class PeftModel(Module):
+class PeftModel(MergeMixin, Module):
     """The base model with PEFT adapters; behaves like the base model.
 
     Parameter names are the base model's (``layers.0.self_attn.q_proj.lora.A``,
@@ -102,10 +106,12 @@ class PeftModel(Module):
         base = self.base_model
         tokens = base.check_tokens(tokens)
         attention_mask = base.check_mask(attention_mask, tokens.shape)
+        self._check_fits(tokens.shape[1])
         prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
         self._prompt_len = 0
-        if prompt is None:
-            x = base.embed(tokens, self._prefix_positions(prefix, tokens.shape[1]))
+        if prompt is None:                  # a shifted prefix moves the tokens to P..P+T-1
+            first, T = self._first_position(), tokens.shape[1]
+            x = base.embed(tokens, np.arange(first, first + T) if first else None)
         else:
             x, attention_mask = prompt.embed_with_prompt(base, tokens, attention_mask)
             self._prompt_len = prompt.prompt_length
@@ -113,15 +119,16 @@ class PeftModel(Module):
         logits = base.forward_embeds(x, attention_mask, prefixes)
         return logits[:, self._prompt_len:] if self._prompt_len else logits
 
-    def _prefix_positions(self, prefix, T):
-        """Position ids of the real tokens under a prefix (``None``: ``0..T-1``)."""
-        if prefix is None or prefix.position_convention == "keep":
-            return None
-        P, limit = prefix.prefix_length, self.base_model.config.context_length
-        if T > self.position_budget():
-            raise ValueError(f"{P} prefix positions + sequence length {T} = {P + T} exceeds "
-                             f"context_length {limit} (position_convention='shift')")
-        return np.arange(P, P + T)
+    def _check_fits(self, T):
+        """``T`` real tokens and the virtual tokens' positions must fit the context
+        (``position_budget``); checked before anything runs."""
+        limit, budget = self.base_model.config.context_length, self.position_budget()
+        if T > budget:                      # (T <= limit: check_tokens saw to that)
+            taken = limit - budget
+            what, why = (("virtual tokens", "") if self._virtual_tokens()
+                         else ("prefix positions", " (position_convention='shift')"))
+            raise ValueError(f"{taken} {what} + sequence length {T} = {taken + T} exceeds "
+                             f"context_length {limit}{why}")
 
     def backward(self, dlogits):
         if any(getattr(w, "merged", False) for _, w in self.wrappers()):
@@ -147,18 +154,26 @@ class PeftModel(Module):
         return generate(self, tokens, max_new_tokens, eos_id=eos_id, **sampling)
 
     def _virtual_tokens(self):
+        """How many soft-prompt vectors ``forward`` puts in front of the tokens."""
         prompt = self._encoder("prompt_encoder")
         return prompt.prompt_length if prompt is not None else 0
 
+    def _first_position(self):
+        """The first real token's position in ``forward``: a soft prompt's or (without
+        one) a prefix's length under ``position_convention="shift"``, else 0. The one
+        place that says it, for ``forward``'s positions and ``position_budget``."""
+        prompt, prefix = self._encoder("prompt_encoder"), self._encoder("prefix_encoder")
+        if prompt is not None:
+            return prompt.prompt_length if prompt.position_convention == "shift" else 0
+        if prefix is not None and prefix.position_convention == "shift":
+            return prefix.prefix_length
+        return 0
+
     def position_budget(self) -> int:
         """How many real tokens fit: the context less the positions the active adapters
-        take (a soft prompt's virtual tokens; a prefix under ``position_convention="shift"``,
-        which moves the real tokens' positions up by its length). The one place that
-        decides it, for ``forward``'s check and ``generate``'s window alike."""
-        prefix = self._encoder("prefix_encoder")
-        shift = prefix.prefix_length if prefix is not None and \
-            prefix.position_convention == "shift" else 0
-        return self.base_model.config.context_length - self._virtual_tokens() - shift
+        take, by ``generate.window_limit`` -- the rule ``generate``'s window uses too."""
+        return window_limit(self.base_model.config.context_length, self._virtual_tokens(),
+                            self._first_position())
 
     # ---- adapters: add, switch, delete --------------------------------------
     def wrappers(self):
@@ -242,132 +257,6 @@ class PeftModel(Module):
         for path, wrapper in self.wrappers():
             if path not in used:
                 set_submodule(self.base_model, path, wrapper.base_layer)
-
-    def add_weighted_adapter(self, adapters, weights, adapter_name):
-        """A new LoRA adapter whose update is ``sum_i weights[i] * delta_i`` exactly.
-
-        The factors are concatenated along the rank: ``A = [A_1; A_2; ...]`` and
-        ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]`` with scaling 1, so ``B A`` equals
-        the weighted sum of the updates (Hugging Face calls this ``"cat"``). The
-        rank of the result is the sum of the ranks.
-        """
-        if len(adapters) != len(weights) or not adapters:
-            raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, "
-                             f"{len(weights)} weights")
-        for n in adapters:
-            if n not in self.adapters:
-                raise ValueError(f"unknown adapter {n!r}; known adapters: {sorted(self.adapters)}")
-            cfg = self.adapters[n].config
-            if cfg.peft_type != "LORA" or cfg.use_dora:
-                raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; "
-                                 f"{n!r} is {cfg.peft_type}{' with DoRA' if cfg.use_dora else ''}")
-        states = [self.adapters[n] for n in adapters]
-        paths = sorted({p for s in states for p in s.slots})
-        rank = sum(s.config.r for s in states)
-        self.add_adapter(adapter_name, LoraConfig(r=rank, lora_alpha=rank, target_modules=paths))
-        for path in paths:
-            new = self.adapters[adapter_name].slots[path]
-            blocks_A, blocks_B = [], []
-            for s, w in zip(states, weights):
-                layer = s.slots.get(path)
-                if layer is None:
-                    blocks_A.append(np.zeros((s.config.r, new.in_features), new.A.dtype))
-                    blocks_B.append(np.zeros((new.out_features, s.config.r), new.B.dtype))
-                else:
-                    blocks_A.append(layer.A)
-                    blocks_B.append(w * layer.scaling * layer.B)
-            new.A[...] = np.concatenate(blocks_A, axis=0)       # (sum r, in)
-            new.B[...] = np.concatenate(blocks_B, axis=1)       # (out, sum r)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Inside the block the model computes exactly the base model's outputs.
-
-        A merged adapter is taken out of the weights for the block and its merged
-        weights put back, bit for bit, afterwards. Blocks nest: only the outermost
-        one switches the adapters back on.
-        """
-        if self._disabled:                  # an inner block: the outer one decides
-            yield self
-            return
-        merged = self._merged_wrappers()
-        saved = [(w, w.base_layer.weight.copy(), None if getattr(w.base_layer, "bias", None) is None
-                  else w.base_layer.bias.copy()) for w in merged]
-        self._apply_all(merged, "unmerge_in_place")
-        wrappers = [w for _, w in self.wrappers()]
-        for w in wrappers:
-            w.disabled = True
-        self._disabled = True
-        try:
-            yield self
-        finally:
-            for w in wrappers:
-                w.disabled = False
-            self._disabled = False
-            for w, W, b in saved:           # exactly the merged weights again
-                w.set_base_weights(W, b)
-                w.merged = True
-
-    def _merged_wrappers(self):
-        return [w for _, w in self.wrappers() if getattr(w, "merged", False)]
-
-    def _apply_all(self, wrappers, operation):
-        """``wrapper.<operation>()`` for every wrapper, or for none: all are asked first
-        (``check_merge``), and if one still fails the weights and flags written so far
-        are put back from copies (exactly, not by subtracting the update again)."""
-        merging = operation == "merge_in_place"
-        for w in wrappers:
-            w.check_merge(merging)
-        saved = [(w, w.base_layer.weight.copy(), None if getattr(w.base_layer, "bias", None) is None
-                  else w.base_layer.bias.copy(), w.merged) for w in wrappers]
-        try:
-            for w in wrappers:
-                getattr(w, operation)()
-        except BaseException:
-            for w, W, b, flag in saved:
-                w.set_base_weights(W, b)
-                w.merged = flag
-            raise
-
-    # ---- merging -----------------------------------------------------------
-    def _mergeable_wrappers(self):
-        for name in self.active_adapters:
-            if not self.adapters[name].config.mergeable:
-                raise ValueError(f"adapter {name!r} ({self.adapters[name].config.peft_type}) "
-                                 f"cannot be merged into the weights")
-        return [w for _, w in self.wrappers() if getattr(w, w.adapter_attr) is not None]
-
-    def merge_adapter(self):
-        """Fold the active adapter into the base weights (no inference overhead); every
-        target is checked before one is merged, so a failure merges nothing."""
-        self._apply_all(self._mergeable_wrappers(), "merge_in_place")
-
-    def unmerge_adapter(self):
-        self._apply_all(self._mergeable_wrappers(), "unmerge_in_place")
-
-    def merge_and_unload(self):
-        """Return the plain base model with the active adapter folded into its weights."""
-        wrappers = self._mergeable_wrappers() and self.wrappers()
-        for path, w in wrappers:
-            method = method_for(type(w).peft_type)
-            replacement = (method.merge_and_unload_module(w) if getattr(w, w.adapter_attr) is not None
-                           else w.base_layer)
-            set_submodule(self.base_model, path, replacement)
-        return self.unload_model()
-
-    def unload(self):
-        """Return the base model without any adapter (nothing merged)."""
-        for path, w in self.wrappers():
-            if getattr(w, "merged", False):
-                w.unmerge_in_place()
-            set_submodule(self.base_model, path, w.base_layer)
-        return self.unload_model()
-
-    def unload_model(self):
-        model = self.base_model
-        model.unfreeze()
-        self.adapters, self.active_adapters = {}, []
-        return model
 
     # ---- counting ----------------------------------------------------------
     def get_nb_trainable_parameters(self):

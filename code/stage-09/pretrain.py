@@ -23,7 +23,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from checkpoint import save_json, save_model  # noqa: E402
+from checkpoint import atomic_directory, save_json, save_model  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
 from tasks import PRETRAIN_TASKS, VOCAB_SIZE, MixtureSampler, fixed_test_set  # noqa: E402
 from train import evaluate, train  # noqa: E402
@@ -64,13 +64,14 @@ def pretrain(steps=6000, batch_size=64, lr=3e-3, seed=0, out=PRETRAINED_DIR, pro
     if low:
         raise SystemExit(f"below the {TARGET_ACCURACY:.0%} target on {low}: not saving")
     if out:
-        save_model(model, out)
-        save_json(os.path.join(out, "pretrain_report.json"), {
-            "command": f"python code/stage-09/pretrain.py --steps {steps} --seed {seed}",
-            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "parameters": n_params, "seconds": round(seconds, 1), "machine": machine(),
-            "test_accuracy": accuracies, "test_examples_per_task": test_size,
-            "final_loss": float(np.mean(history["losses"][-50:]))})
+        with atomic_directory(out) as tmp:       # weights, config and report: all or none
+            save_model(model, tmp)
+            save_json(os.path.join(tmp, "pretrain_report.json"), {
+                "command": f"python code/stage-09/pretrain.py --steps {steps} --seed {seed}",
+                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "parameters": n_params, "seconds": round(seconds, 1), "machine": machine(),
+                "test_accuracy": accuracies, "test_examples_per_task": test_size,
+                "final_loss": float(np.mean(history["losses"][-50:]))})
         print(f"saved to {out}")
     return model, accuracies
 

@@ -29,8 +29,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import (atomic_write_text, load_into, load_json, load_metadata, load_tensors,  # noqa: E402
-                        save_json, save_model, save_tensors)
+from checkpoint import (atomic_directory, atomic_write_text, load_into, load_json,  # noqa: E402
+                        load_metadata, load_tensors, save_json, save_model, save_tensors)
 from data_parallel import DataParallel  # noqa: E402
 from generate import complete, tokens_per_second  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
@@ -298,10 +298,14 @@ def model_card(report) -> str:
 
 
 def save_base(model, directory, report) -> None:
-    save_model(model, directory)
-    ByteTokenizer().save(directory)
-    save_json(os.path.join(directory, REPORT_NAME), report)
-    atomic_write_text(os.path.join(directory, "README.md"), model_card(report))
+    """Weights, config, tokenizer, report and model card, all at once (``atomic_directory``):
+    a failure half-way leaves the previous base whole, never new weights beside an old card."""
+    card = model_card(report)
+    with atomic_directory(directory) as tmp:
+        save_model(model, tmp)
+        ByteTokenizer().save(tmp)
+        save_json(os.path.join(tmp, REPORT_NAME), report)
+        atomic_write_text(os.path.join(tmp, "README.md"), card)
 
 
 def load_text_base(directory=PRETRAINED_TEXT_DIR):

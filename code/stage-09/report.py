@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
+import jobs
 from checkpoint import atomic_write_text
 
 MEAN_FIELDS = ("test_accuracy", "validation_accuracy", "pretrain_accuracy", "ce_rise", "disabled_accuracy",
@@ -78,6 +79,8 @@ METHOD_STYLE = {
     "qlora": ("#9467bd", "v"), "dora": ("#e377c2", "^"), "adapter": ("#2ca02c", "P"),
     "ia3": ("#bcbd22", "X"), "bitfit": ("#8c564b", "h"), "prefix": ("#ff7f0e", "<"),
     "prefix_mlp": ("#d62728", ">"), "prompt": ("#7f7f7f", "*"),
+    # the real-text comparison's rows (compare_text.METHODS): "houlsby" is the digit "adapter"
+    "houlsby": ("#2ca02c", "P"), "parallel": ("#98df8a", "p"), "lora_tokens": ("#0b5563", "d"),
 }
 
 
@@ -159,23 +162,22 @@ def plot_results(summary, out):
         plt.close(fig)
 
 
-def write_results(rows, base, out, command, machine, seconds, plots=True):
+def write_results(rows, base, out, command, timing, plots=True):
     os.makedirs(out, exist_ok=True)
     summary = aggregate(rows, base)
     table = format_table(summary, base)
     print(table)
-    print(f"\n{len(rows)} runs in {seconds / 60:.1f} min on {machine}")
+    print(f"\n{len(rows)} runs; {jobs.job_sentence(timing)}")
     write_csv(os.path.join(out, "runs.csv"), rows)
     write_csv(os.path.join(out, "summary.csv"), summary)
-    meta = {"command": command, "machine": machine, "minutes": round(seconds / 60, 2),
-            "base": base}
+    meta = {**jobs.job_meta(command, timing), "base": base}
     atomic_write_text(os.path.join(out, "results.json"),
                       json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
     if plots:
         plot_results(summary, out)
     atomic_write_text(os.path.join(out, "README.md"),
-                      f"# Comparison results\n\nMade by `{command}` in {seconds / 60:.1f} minutes on "
-                      f"{machine}.\n\n```\n{table}\n```\n\nPlots: `accuracy_vs_params.png`, "
+                      f"# Comparison results\n\n{len(rows)} runs: {jobs.job_sentence(timing)}.\n\n"
+                      f"```\n{table}\n```\n\nPlots: `accuracy_vs_params.png`, "
                       f"`forgetting_vs_accuracy.png`, `rank_sweep.png`.\n")
     return summary
 
@@ -302,6 +304,13 @@ def _chosen_table(chosen):
     return "\n".join(lines)
 
 
+def _cost(meta) -> str:
+    if "job" in meta:
+        return "**What the job cost.** " + jobs.job_sentence(meta["job"]) + "."
+    return (f"**What the job cost.** `{meta['command']}` took {meta['minutes']:.1f} min on "
+            f"{meta['machine']}, two runs at a time (no CPU time recorded).")
+
+
 def readme_section(results_dir):
     """The README's generated main-job block, from ``results.json`` and ``lr_sweep/chosen.csv``."""
     with open(os.path.join(results_dir, "results.json")) as f:
@@ -325,9 +334,10 @@ notebook train with; "edge": the winner is the grid's smallest or largest rate):
 {_chosen_table(chosen)}
 
 **The comparison** then scores each test set once: {first['steps']} AdamW steps per run,
-{len(runs)} runs, made by `{meta['command']}` in {meta['minutes']:.1f} minutes on
-{meta['machine']} (two runs at a time, one per core, each with one BLAS thread, on a machine
-shared with other jobs: step times are noisy; `bench_peft.py` measures them properly).
+{len(runs)} runs, each with one BLAS thread (on a machine shared with other jobs step times
+are noisy: `bench_peft.py` measures them properly).
+
+{_cost(meta)}
 
 ```
 {format_table(summary, meta['base'])}

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import numpy as np
 
 from checkpoint import atomic_write_text
+from jobs import job_meta, job_sentence
 from report import write_csv
 
 LOSS_FIELDS = ("alice_loss", "shakespeare_loss", "shakespeare_disabled", "forgetting",
@@ -273,25 +274,24 @@ def plot_classification(csum, path, order):
     plt.close(fig)
 
 
-def write_text_results(rows, base, out, command, seconds, settings, methods, sweep=False,
-                       load=None, sample=None):
-    """Print the tables and write every file of one job into ``out``."""
-    from pretrain import machine
+def write_text_results(rows, base, out, command, timing, settings, methods, sweep=False,
+                       sample=None):
+    """Print the tables and write every file of one job into ``out`` (``timing``: the
+    job's cost record, ``jobs.run_jobs``)."""
     os.makedirs(out, exist_ok=True)
     split = "validation" if sweep else "test"
     summary, csum = summarize(rows, base), summarize_classification(rows)
     table, ctable = format_table(summary, base, split), format_classification(csum)
     words = [] if sweep else findings(summary, csum, base)
     print(table, ctable, *words, sep="\n\n")
-    print(f"\n{len(rows)} runs in {seconds / 60:.1f} min on {machine()}")
+    print(f"\n{len(rows)} runs; {job_sentence(timing)}")
     write_csv(os.path.join(out, "runs.csv"), [{k: v for k, v in r.items() if k != "sample"}
                                               for r in rows if r["kind"] == "adapt"])
     write_csv(os.path.join(out, "classification_runs.csv"), [r for r in rows if r["kind"] == "classify"])
     write_csv(os.path.join(out, "summary.csv"), summary)
     write_csv(os.path.join(out, "classification.csv"), csum)
     order = list(methods)
-    meta = {"command": command, "machine": machine(), "minutes": round(seconds / 60, 2),
-            "load_average": load, "base": base, "settings": asdict(settings), "sample": sample,
+    meta = {**job_meta(command, timing), "base": base, "settings": asdict(settings), "sample": sample,
             "methods": {m: {"lr": spec.lr, "lr_grid": list(spec.lr_grid), "classify_lr": spec.classify_lr,
                             "classify_lr_grid": list(spec.classify_lr_grid), "why": spec.why,
                             "quantize": spec.quantize} for m, spec in methods.items()}}
@@ -305,8 +305,8 @@ def write_text_results(rows, base, out, command, seconds, settings, methods, swe
     plot_classification(csum, os.path.join(out, "classification.png"), order)
     bullets = "".join(f"- {w}\n" for w in words)
     atomic_write_text(os.path.join(out, "README.md"),
-                      f"# Real-text results: Shakespeare base adapted to Alice\n\nMade by `{command}` in "
-                      f"{seconds / 60:.1f} minutes on {machine()} (load average {load}).\n\n"
+                      f"# Real-text results: Shakespeare base adapted to Alice\n\n{len(rows)} runs: "
+                      f"{job_sentence(timing)}.\n\n"
                       f"```\n{table}\n```\n\n```\n{ctable}\n```\n\n{bullets}")
     return summary, csum, words
 
@@ -318,6 +318,14 @@ def samples_by_method(results) -> dict:
         if r.get("sample") is not None and r["method"] not in out:
             out[r["method"]] = r["sample"]
     return out
+
+
+def job_cost(meta) -> str:
+    """The main job's time and CPU cost (its ``timing`` record), or what an older record has."""
+    if "job" in meta:
+        return f"**What the job cost.** {job_sentence(meta['job'])}."
+    return (f"**What the job cost.** `{meta['command']}` took {meta['minutes']:.1f} min on "
+            f"{meta['machine']} (load average {meta.get('load_average')}; no CPU time recorded).")
 
 
 def readme_block(results, image="results/text/learn_forget.png", show=("full", "lora_all",
@@ -341,9 +349,10 @@ def readme_block(results, image="results/text/learn_forget.png", show=("full", "
     return (origin + f"base: Alice {base['alice_test']:.3f}, Shakespeare {base['shakespeare_test']:.3f} "
             f"nats/char (test splits, {results['meta']['settings']['steps']} steps per run, "
             f"mean ± std over {len(results['meta']['settings']['seeds'])} seeds; "
-            f"`{results['meta']['command']}`, {results['meta']['minutes']:.0f} min)\n\n"
+            f"`{results['meta']['command']}`)\n\n"
             + "\n".join(lines) + f"\n\n![learn-forget]({image})\n\n"
-            + "".join(f"- {w}\n" for w in results["findings"]) + "\n" + shown + "\n")
+            + "".join(f"- {w}\n" for w in results["findings"]) + "\n" + shown + "\n\n"
+            + job_cost(results["meta"]) + "\n")
 
 
 def choose_learning_rates(sweep_results) -> dict:
@@ -386,6 +395,16 @@ def readme_with_block(readme: str, results) -> str:
     return head + start + "\n" + readme_block(results) + rest[rest.index(end):]
 
 
+def update_readme(readme_path, results_path):
+    """Replace the README's real-text block with one made from ``results_path`` (all or nothing)."""
+    with open(results_path) as f:
+        results = json.load(f)
+    with open(readme_path) as f:
+        text = readme_with_block(f.read(), results)
+    atomic_write_text(readme_path, text)
+    print(f"updated {readme_path}")
+
+
 def main(argv=None):
     """``--readme``: refresh the README's real-text block from ``results/text/results.json``."""
     import argparse
@@ -395,16 +414,10 @@ def main(argv=None):
     p.add_argument("--readme", action="store_true")
     p.add_argument("--results", default=os.path.join(root, "results", "text", "results.json"))
     a = p.parse_args(argv)
-    with open(a.results) as f:
-        results = json.load(f)
     if a.readme:
-        path = os.path.join(root, "README.md")
-        with open(path) as f:
-            text = readme_with_block(f.read(), results)
-        atomic_write_text(path, text)
-        print(f"updated {path}")
-    else:
-        print(readme_block(results))
+        return update_readme(os.path.join(root, "README.md"), a.results)
+    with open(a.results) as f:
+        print(readme_block(json.load(f)))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import numpy as np
 
 import compare_text as ct
+import jobs
 from checkpoint import atomic_write_text, load_model
 from compare import LR_LADDER, beyond_edges
+from pretrain import machine
 from text import lm_loss
 
 SEEDS = {"adapt": (0,),                # Alice: one seed (the README sets gaps against noise)
@@ -141,7 +143,7 @@ def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
                 waiting.sort()
                 _, key, lr, seed = waiting.pop(0)
                 spec = run_spec(*key, lr, seed, settings, base_dir)
-                pending[pool.submit(run_or_diverge, spec)] = key
+                pending[pool.submit(jobs.timed, run_or_diverge, spec)] = key
 
         for key in keys:
             queue(key)
@@ -324,14 +326,16 @@ def write_sweep_readme(results, out):
     import text_report as tr
     table = tr.format_table(results["summary"], base, "validation")
     ctable = tr.format_classification(results["classification"])
-    load = meta["load_average"]
+    load, job = meta["load_average"], meta.get("job")
+    cost = ("" if not job else f"; {job['cpu_minutes']:.1f} CPU minutes, which on {workers} idle "
+            f"cores projects to {job['projected_idle_minutes']:.1f} min")
     diverged = results.get("diverged", [])
     resumed = ("" if "--resume" not in meta["command"] else " (`--resume`: the runs an interrupted "
                "start had finished were kept, and the time counts the resumed part only)")
     text = f"""# Learning rates of the real-text comparison (validation splits only)
 
 Made by `{meta['command']}` in {meta['minutes']:.1f} minutes on {meta['machine']} with {workers} worker
-process{'es' if workers > 1 else ''} (load average 1/5/15 min before {load[:3]}, after {load[3:]}); {len(results['runs'])} runs{resumed}.
+process{'es' if workers > 1 else ''} (load average 1/5/15 min before {load[:3]}, after {load[3:]}){cost}; {len(results['runs'])} runs{resumed}.
 Every run starts from the shipped base `{pre['dir']}` (Shakespeare validation loss
 {pre['validation_loss']:.3f} after {pre['steps']} pretraining steps). *Alice*: {s['steps']} steps of
 batch {s['batch_size']} x {s['window']} characters, scored on {s['eval_windows']} fixed windows of Alice's
@@ -390,16 +394,24 @@ def main(methods, settings, base_dir, out, workers, command, resume=False, run_m
     elif os.path.exists(log):
         os.remove(log)
     start, load_before = time.perf_counter(), os.getloadavg()
-    base = ct.base_losses(base_dir, settings.eval_windows, settings.window)
-    base["pretraining"] = ct.base_record(base_dir)
+    cpu_start, children_start = time.process_time(), jobs._children_cpu()
+    base = ct.base_measurement((base_dir, settings.eval_windows, settings.window))
     starts = start_losses(base_dir, settings)
     rows = sweep(methods, settings, base_dir, workers, log, done) if run_more else done
-    seconds = time.perf_counter() - start
-    load = [round(x, 2) for x in load_before + os.getloadavg()]
+    new = [r for r in rows if not any(r is d for d in done)]
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start + jobs._children_cpu() - children_start
+    run_cpu = [r.get("cpu_s", 0.0) for r in new]
+    timing = {"command": command, "machine": machine(), "workers": workers,   # as jobs.run_jobs
+              "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+              "projected_idle_minutes": round((jobs.list_schedule(run_cpu, workers)
+                                               + max(cpu - sum(run_cpu), 0.0)) / 60, 2),
+              "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()],
+              "parts": {"sweep": {"runs": len(new), "run_cpu_minutes": round(sum(run_cpu) / 60, 2)}}}
     ok = [r for r in rows if not r.get("diverged")]
-    tr.write_text_results(ok, base, out, command=command, seconds=seconds, settings=settings,
-                          methods={**ct.METHODS, **ct.SWEEP_VARIANTS}, sweep=True, load=load,
-                          sample=ct.SAMPLE)
+    tr.write_text_results(ok, base, out, command=command, timing=timing, settings=settings,
+                          methods={**ct.METHODS, **ct.SWEEP_VARIANTS}, sweep=True, sample=ct.SAMPLE)
     path = os.path.join(out, "results.json")
     with open(path) as f:
         results = json.load(f)

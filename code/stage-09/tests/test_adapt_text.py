@@ -52,7 +52,7 @@ def _bad(args, tmp_path, capsys, match):
     err = capsys.readouterr().err
     assert match in err, err
     assert not out.exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".adapter-")]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]   # no temporary directory
 
 
 def test_missing_file(tmp_path, capsys):

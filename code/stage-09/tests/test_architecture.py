@@ -31,7 +31,7 @@ CORE_LAYERS = [
     ["lora", "adapters", "soft_prompts", "dora", "trainable_tokens", "peft_config"],
     ["peft_base", "peft_methods", "ia3", "bottleneck"],
     ["checkpoint", "hf_names", "peft_io", "hf_tokenizer"],
-    ["peft_model"],
+    ["peft_merge", "peft_model"],
     ["hf_export", "peft", "hf_import"],
 ]
 

@@ -2,8 +2,12 @@
 
 ``save_model`` writes two files. If it fails after the first, the directory must still
 hold the previous save, whole and loadable -- never the new weights beside the old
-config (same shapes: it would load without complaint), never half of each.
+config (same shapes: it would load without complaint), never half of each. The same
+holds for every other save of several files (``SAVERS``: the Hugging Face exports and
+import, the text base, adapters), which all go through ``checkpoint.atomic_directory``.
 """
+import argparse
+import importlib
 import os
 import stat
 
@@ -11,9 +15,14 @@ import numpy as np
 import pytest
 
 import checkpoint
+import hf_export
+import hf_import
+import hf_tokenizer
+import pretrain_text
 from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, load_into, load_model,
                         load_tensors, save_model, save_tensors)
 from minigpt import GPT, GPTConfig
+from peft_model import LoraConfig, get_peft_model
 
 CFG = GPTConfig(vocab_size=16, context_length=8, d_model=8, n_layers=1, n_heads=2)
 
@@ -143,3 +152,94 @@ def test_without_an_exchange_a_failed_second_rename_puts_the_old_directory_back(
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert_same(load_model(tmp_path / "ckpt"), params(old))
+
+
+# ---- every multi-file save of the code base uses atomic_directory ---------------------
+def files_of(directory):
+    """``{relative path: bytes}`` of every file under ``directory``."""
+    return {os.path.relpath(os.path.join(root, name), directory):
+            open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def adapted(seed, base=None):
+    model = get_peft_model(base or GPT(CFG, seed=0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for _, p in model.named_parameters(trainable_only=True):
+        p[...] = np.random.default_rng(seed).standard_normal(p.shape)
+    return model
+
+
+def save_text_base(seed, directory):
+    """``pretrain_text.save_base`` with the shipped base's real report (for its model card)."""
+    report = checkpoint.load_json(os.path.join(pretrain_text.PRETRAINED_TEXT_DIR,
+                                               pretrain_text.REPORT_NAME))
+    pretrain_text.save_base(GPT(CFG, seed=seed), directory, report)
+
+
+def hf_cli(seed, directory):
+    """``hf_export.py --base ... --out directory --adapter ...``: the base and OUT/adapter."""
+    base, ours, model = directory + ".ckpt", directory + ".ours", GPT(CFG, seed=seed)
+    save_model(model, base)
+    adapted(seed, model).save_pretrained(ours)          # (peft_io.save_json's first call)
+    hf_export.export(argparse.Namespace(base=base, out=directory, adapter=ours, adapter_out=None))
+
+
+# name -> (save(seed, directory), the module whose writer fails, its name, which call fails)
+SAVERS = {
+    "hf_export.export_base": (lambda seed, d: hf_export.export_base(GPT(CFG, seed=seed), d),
+                              "hf_export", "save_json", 1),
+    "hf_export.export_adapter": (lambda seed, d: hf_export.export_adapter(adapted(seed), d),
+                                 "peft_io", "save_json", 1),
+    "hf_export.py (base and adapter)": (hf_cli, "peft_io", "save_json", 2),
+    "hf_import.save_gpt2_checkpoint": (
+        lambda seed, d: hf_import.save_gpt2_checkpoint(GPT(CFG, seed=seed), d),
+        "hf_import", "save_json", 1),
+    "pretrain_text.save_base": (save_text_base, "pretrain_text", "atomic_write_text", 1),
+    "save_pretrained": (lambda seed, d: adapted(seed).save_pretrained(d), "peft_io", "save_json", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVERS))
+def test_every_multi_file_save_that_fails_half_way_leaves_the_previous_one(name, tmp_path,
+                                                                         monkeypatch, exchange):
+    """The writer of a later file raises: the directory keeps every byte of the previous
+    save (and the user's own file), and no temporary directory is left behind."""
+    save, module, writer, nth = SAVERS[name]
+    target = str(tmp_path / "out")
+    save(1, target)
+    (tmp_path / "out" / "notes.txt").write_text("my notes")
+    before, around = files_of(target), sorted(os.listdir(tmp_path))
+    real, calls = getattr(importlib.import_module(module), writer), []
+
+    def fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == nth:
+            raise Boom(f"disk full writing {args[0]}")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(f"{module}.{writer}", fail)
+    with pytest.raises(Boom):
+        save(2, target)
+    assert files_of(target) == before
+    assert sorted(os.listdir(tmp_path)) == around                  # no temporary directory
+    monkeypatch.setattr(f"{module}.{writer}", real)
+    save(2, target)                                                # and a save that succeeds
+    assert files_of(target) != before and (tmp_path / "out" / "notes.txt").read_text() == "my notes"
+
+
+def test_a_byte_vocabulary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "tok" / "merges.txt").write_text("#version: 0.2\na b\n")
+    before, real = files_of(tmp_path / "tok"), hf_tokenizer.atomic_write_text
+
+    def fail(path, text):
+        if path.endswith("merges.txt"):
+            raise Boom("disk full")
+        real(path, text)
+    monkeypatch.setattr(hf_tokenizer, "atomic_write_text", fail)
+    with pytest.raises(Boom):
+        hf_tokenizer.write_byte_vocabulary(tmp_path / "tok")
+    assert files_of(tmp_path / "tok") == before and sorted(os.listdir(tmp_path)) == ["tok"]
+    monkeypatch.undo()
+    hf_tokenizer.write_byte_vocabulary(tmp_path / "tok")
+    assert len(hf_tokenizer.load_hf_tokenizer(tmp_path / "tok")) == 257

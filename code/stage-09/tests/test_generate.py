@@ -97,6 +97,25 @@ def test_merged_adapter_generates_like_unmerged(name):
     assert check_method(model, 0).tolist() == unmerged.tolist()
 
 
+@pytest.mark.parametrize("prompt_convention", ["keep", "shift"])
+@pytest.mark.parametrize("prefix_convention", ["keep", "shift"])
+def test_the_window_and_the_forward_check_follow_one_rule(prompt_convention, prefix_convention):
+    """A soft prompt and a prefix active together (different touch points): generate's
+    probed window and PeftModel's own budget are one rule (generate.window_limit), so the
+    longest sequence forward accepts is the window generate slides; one more is refused."""
+    model = get_peft_model(base_model(), PromptTuningConfig(num_virtual_tokens=3,
+                                                            position_convention=prompt_convention))
+    model.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=5,
+                                                   position_convention=prefix_convention))
+    model.set_adapter(["default", "prefix"])
+    limit = window_layout(model)[0]
+    assert model.position_budget() == limit == CFG.context_length - 3
+    assert model(np.zeros((1, limit), int)).shape == (1, limit, CFG.vocab_size)
+    with pytest.raises(ValueError, match=f"3 virtual tokens \\+ sequence length {limit + 1} "):
+        model(np.zeros((1, limit + 1), int))
+    assert generate(model, PROMPT, 30)[0].tolist() == forward_greedy(model, PROMPT, 30, limit).tolist()
+
+
 def test_qlora_generation_equals_forward_greedy():
     check_method(adapted(LoraConfig(r=4, target_modules=ALL), qlora=True), 0)
 

@@ -318,7 +318,27 @@ def test_cli_writes_base_and_adapter(tmp_path):
 def test_cli_refuses_what_peft_cannot_express(tmp_path):
     run = run_cli(tmp_path, PromptTuningConfig(num_virtual_tokens=2))
     assert run.returncode == 2 and "error:" in run.stderr and "shift" in run.stderr, run.stderr
-    assert not (tmp_path / "hf" / "adapter").exists()
+    assert not (tmp_path / "hf").exists()           # checked before anything is written
+
+
+def test_cli_adapter_elsewhere_and_a_base_untouched_by_the_adapters_biases(tmp_path):
+    """``--adapter-out`` outside ``--out``: two directories. A ``bias="all"`` adapter loads
+    its trained biases into the model it is loaded onto; the exported base keeps its own."""
+    import argparse
+    base = scaled_base()
+    save_model(base, tmp_path / "ckpt")
+    ours = randomize_adapter(get_peft_model(scaled_base(), LoraConfig(r=2, bias="all")))
+    ours.save_pretrained(tmp_path / "ours")
+    H.export(argparse.Namespace(base=str(tmp_path / "ckpt"), out=str(tmp_path / "hf"),
+                                adapter=str(tmp_path / "ours"), adapter_out=str(tmp_path / "elsewhere")))
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["adapter_config.json",
+                                                          "adapter_model.safetensors"]
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    np.testing.assert_array_equal(exported["model.decoder.layers.0.fc1.bias"], base.layers[0].mlp.fc1.bias)
+    adapter = load_file(tmp_path / "elsewhere" / "adapter_model.safetensors")
+    trained = adapter["base_model.model.model.decoder.layers.0.fc1.bias"]
+    assert np.abs(trained - base.layers[0].mlp.fc1.bias).max() > 0.01     # (so the check can fail)
 
 
 # ------------------------------------------------------------------ the real ecosystem

@@ -7,6 +7,8 @@
   of a *full* run (every code cell executed, the set-up cell says "full mode"),
   with no error output and nothing on stderr, so it reads well on a repository page.
   Refresh them with ``python notebooks/viz.py notebooks/*.ipynb --write``.
+* ``test_generated_conclusions_are_shown``: notebooks 02 and 06 state their real-text
+  conclusions in Markdown generated from the numbers; the committed copies show it.
 * ``test_notebook_trains_with_the_runners_settings``: no notebook sets a learning
   rate, step count, batch size or training-set size of its own; every training run
   goes through ``viz.finetune(method, ...)`` with a method of ``compare.METHODS``,
@@ -67,6 +69,20 @@ def test_committed_notebook_is_executed(path):
     assert "full mode" in setup, f"{name}: the committed outputs are not from a full run ({setup!r})"
     assert any(o.output_type == "display_data" for c in cells for o in c.outputs), \
         f"{name} has no figure"
+
+
+# Notebooks whose conclusions are generated from the numbers (a code cell's Markdown output,
+# never typed into prose), with a phrase each committed copy must show.
+GENERATED_PROSE = {"02_lora": "**What the measurement shows.**",
+                   "06_choosing_a_method": "| your concern | choose | measured | runner-up |"}
+
+
+@pytest.mark.parametrize("name, phrase", GENERATED_PROSE.items(), ids=list(GENERATED_PROSE))
+def test_generated_conclusions_are_shown(name, phrase):
+    path = os.path.join(NB_DIR, name + ".ipynb")
+    shown = [o.data["text/markdown"] for c in code_cells(path) for o in c.outputs
+             if o.output_type == "display_data" and "text/markdown" in o.data]
+    assert any(phrase in text for text in shown), f"{name}: no generated Markdown output with {phrase!r}"
 
 
 SETTINGS = {"lr", "learning_rate", "steps", "batch_size", "n_train", "warmup_steps"}
