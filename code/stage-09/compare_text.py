@@ -118,7 +118,8 @@ METHODS = {
     "dora": TextMethod(_lora(ALL_LINEARS, use_dora=True), 1e-2, (3e-3, 1e-2, 3e-2),
                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), why="DoRA r=8 on every linear"),
     "qlora": TextMethod(_lora(ALL_LINEARS), 1e-2, (3e-3, 1e-2, 3e-2),
-                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), quantize=True, why="LoRA r=8 on every linear over an NF4 base"),
+                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), quantize=True,
+                        why="LoRA r=8 on every linear over an NF4 base"),
     "lora_tokens": TextMethod(_lora_new_tokens, 1e-2, (3e-3, 1e-2, 3e-2),
                               3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
                               why="LoRA r=8 on every linear + the embedding rows of Alice's new "
