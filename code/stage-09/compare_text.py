@@ -2,7 +2,7 @@
 
     python code/stage-09/compare_text.py              # the main job's part (make run)
     python code/stage-09/compare_text.py --quick      # <= 2 min, writes results/text_quick/
-    python code/stage-09/compare_text.py --lr-sweep   # the rates' choice on validation (text_sweep.py)
+    python code/stage-09/text_sweep.py                # the rates' choice on validation
 
 Every run starts from the shipped character-level base (``pretrained_text/``,
 trained on Shakespeare only) and trains on *Alice*'s training split. Measured:
@@ -63,9 +63,9 @@ SAMPLE = {"prompt": "Alice was beginning to", "max_new_tokens": 120, "temperatur
 @dataclass(frozen=True)
 class TextMethod:
     make_config: object          # (rank) -> PeftConfig
-    lr: float                    # Alice: chosen by --lr-sweep on the validation splits
-    lr_grid: tuple               # the rates --lr-sweep tried for Alice
-    classify_lr: float = None    # authorship: chosen by --lr-sweep on validation snippets
+    lr: float                    # Alice: chosen by text_sweep.py on the validation splits
+    lr_grid: tuple               # the rates text_sweep.py tried for Alice
+    classify_lr: float = None    # authorship: chosen by text_sweep.py on validation snippets
     classify_lr_grid: tuple = ()
     quantize: bool = False       # QLoRA: NF4 base first
     why: str = ""
@@ -104,7 +104,7 @@ def _prompt(init="TEXT", position="shift"):
 
 
 # The ONE table (with SETTINGS below) that the runner, the notebooks and the README use.
-# Rates: `python code/stage-09/compare_text.py --lr-sweep` on the shipped base's validation
+# Rates: `python code/stage-09/text_sweep.py` on the shipped base's validation
 # splits (results/text/lr_sweep/README.md): Alice's loss for ``lr``, the authorship accuracy for
 # ``classify_lr``; each grid is every rate that sweep tried (it widens a grid whose best
 # rate is at an end, so every chosen rate has a worse rate on both sides or a stated limit).
@@ -406,7 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one seed, short runs; writes results/text_quick/")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-sweep", action="store_true",
-                   help="choose each method's rates on the validation splits (text_sweep.py)")
+                   help="the validation sweep's options (it runs as code/stage-09/text_sweep.py)")
     p.add_argument("--resume", action="store_true",
                    help="with --lr-sweep: keep the runs in OUT/progress.jsonl of an interrupted sweep")
     p.add_argument("--steps", type=int, default=None, help="override SETTINGS.steps (recorded)")
@@ -460,10 +460,10 @@ def comparison_job(a) -> jobs.Job:
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.lr_sweep:                   # its own loop: each method's next rates follow its results
-        import text_sweep
-        return text_sweep.main(a.methods, a.settings, a.base, a.out, a.workers, a.command,
-                               resume=a.resume)
+    if a.lr_sweep:                   # its own loop (text_sweep imports this module, not back)
+        raise SystemExit("the learning-rate sweep runs from its own file, with the same options: "
+                         "python code/stage-09/text_sweep.py " + " ".join(
+                             x for x in (argv if argv is not None else sys.argv[1:]) if x != "--lr-sweep"))
     jobs.run_jobs([comparison_job(a)], a.workers, a.command)
 
 

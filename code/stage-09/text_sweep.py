@@ -1,6 +1,10 @@
 """The real-text comparison's learning-rate sweep: every choice made on validation data.
 
-    python code/stage-09/compare_text.py --lr-sweep      # writes results/text/lr_sweep/
+    python code/stage-09/text_sweep.py           # writes results/text/lr_sweep/
+    python code/stage-09/text_sweep.py --resume  # keeps an interrupted sweep's runs
+    python code/stage-09/text_sweep.py --readme  # README.md and chosen.csv from results.json
+
+(options as ``compare_text.py``'s: ``--methods``, ``--quick``, ``--workers``, ``--out``).
 
 Each method has two rates, one per task: ``TextMethod.lr`` for *Alice* (the loss on
 Alice's validation split after the main job's training) and ``classify_lr`` for the
@@ -381,7 +385,7 @@ then (authorship) seed 1 for the best two rates; the best rate is the one with t
 
 
 def main(methods, settings, base_dir, out, workers, command, resume=False, run_more=True):
-    """The sweep, its files and its README (``compare_text.py --lr-sweep``). ``resume``: keep
+    """The sweep, its files and its README (``text_sweep.py``). ``resume``: keep
     the runs an interrupted sweep logged in ``out/progress.jsonl`` (same settings assumed;
     the time then counts this part only)."""
     import text_report as tr
@@ -427,19 +431,22 @@ def main(methods, settings, base_dir, out, workers, command, resume=False, run_m
     return results
 
 
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Rewrite the sweep's README.md and chosen.csv from its "
-                                            "results.json (the sweep itself: compare_text.py --lr-sweep).")
-    p.add_argument("--readme", action="store_true", help="from OUT/results.json")
-    p.add_argument("--finish", action="store_true", help="write the results of an interrupted "
-                   "sweep from OUT/progress.jsonl, running nothing more (its choices may be unsettled)")
-    p.add_argument("--out", default=os.path.join(ct.RESULTS_DIR, "lr_sweep"))
-    a = p.parse_args()
-    if a.finish:
-        main(list(ct.METHODS), ct.SETTINGS, ct.TEXT_BASE_DIR, a.out, ct.SETTINGS.workers,
-             "python code/stage-09/text_sweep.py --finish", resume=True, run_more=False)
-    elif a.readme:
+def cli(argv=None):
+    """The command line: ``compare_text.parse_args``'s options (a partial or quick sweep
+    writes under results/text_quick/), plus ``--resume``, ``--readme`` and ``--finish``."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = ct.parse_args(["--lr-sweep"] + [x for x in argv if x not in ("--readme", "--finish")])
+    command = " ".join(["python code/stage-09/text_sweep.py"] + argv)
+    if "--finish" in argv:           # an interrupted sweep's runs, nothing more run
+        return main(a.methods, a.settings, a.base, a.out, a.workers, command, resume=True,
+                    run_more=False)
+    if "--readme" in argv:
         with open(os.path.join(a.out, "results.json")) as f:
             write_sweep_readme(json.load(f), a.out)
-        print(f"wrote {os.path.join(a.out, 'README.md')}")
+        return print(f"wrote {os.path.join(a.out, 'README.md')}")
+    return main(a.methods, a.settings, a.base, a.out, a.workers, command, resume=a.resume)
+
+
+if __name__ == "__main__":
+    cli()

@@ -77,6 +77,8 @@ def test_quick_never_writes_the_full_results():
         ct.main(["--quick", "--out", ct.RESULTS_DIR])
     with pytest.raises(SystemExit, match="unknown method"):
         ct.main(["--quick", "--methods", "lora_all,nonsense"])
+    with pytest.raises(SystemExit, match="python code/stage-09/text_sweep.py --quick"):
+        ct.main(["--lr-sweep", "--quick"])
 
 
 def test_quick_run_writes_settings_and_findings(tmp_path):
