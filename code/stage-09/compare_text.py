@@ -2,7 +2,7 @@
 
     python code/stage-09/compare_text.py              # the main job's part (make run)
     python code/stage-09/compare_text.py --quick      # <= 2 min, writes results/text_quick/
-    python code/stage-09/compare_text.py --lr-sweep   # the learning-rate choice (validation)
+    python code/stage-09/text_sweep.py                # the rates' choice on validation
 
 Every run starts from the shipped character-level base (``pretrained_text/``,
 trained on Shakespeare only) and trains on *Alice*'s training split. Measured:
@@ -55,6 +55,7 @@ RESULTS_DIR = os.path.join(ROOT, "results", "text")
 QUICK_DIR = os.path.join(ROOT, "results", "text_quick")      # gitignored: --quick writes here
 QV = ["q_proj", "v_proj"]
 VIRTUAL_TOKENS = 10   # prompt / prefix length: windows leave them room in the context
+PROMPT_INIT_TEXT = "said Alice"   # prompt tuning's TEXT start: a phrase of Alice's training split
 SAMPLE = {"prompt": "Alice was beginning to", "max_new_tokens": 120, "temperature": 0.8,
           "top_k": 20, "seed": 0}   # one sample per headline run (seed 0), and the base's
 
@@ -62,8 +63,10 @@ SAMPLE = {"prompt": "Alice was beginning to", "max_new_tokens": 120, "temperatur
 @dataclass(frozen=True)
 class TextMethod:
     make_config: object          # (rank) -> PeftConfig
-    lr: float                    # chosen by --lr-sweep on the validation splits
-    lr_grid: tuple               # the rates --lr-sweep tries
+    lr: float                    # Alice: chosen by text_sweep.py on the validation splits
+    lr_grid: tuple               # the rates text_sweep.py tried for Alice
+    classify_lr: float = None    # authorship: chosen by text_sweep.py on validation snippets
+    classify_lr_grid: tuple = ()
     quantize: bool = False       # QLoRA: NF4 base first
     why: str = ""
 
@@ -93,35 +96,67 @@ def _prefix(mlp):
                                              encoder_hidden_size=64 if mlp else None)
 
 
+def _prompt(init="TEXT", position="shift"):
+    ids = ByteTokenizer().encode(PROMPT_INIT_TEXT).tolist() if init == "TEXT" else None
+    return lambda r=None: PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prompt_tuning_init=init,
+                                             prompt_tuning_init_token_ids=ids,
+                                             position_convention=position)
+
+
 # The ONE table (with SETTINGS below) that the runner, the notebooks and the README use.
-# Rates: the best validation loss on Alice of the grid, seed 0 (results/text/lr_sweep/).
+# Rates: `python code/stage-09/text_sweep.py` on the shipped base's validation
+# splits (results/text/lr_sweep/README.md): Alice's loss for ``lr``, the authorship accuracy for
+# ``classify_lr``; each grid is every rate that sweep tried (it widens a grid whose best
+# rate is at an end, so every chosen rate has a worse rate on both sides or a stated limit).
 METHODS = {
     "full": TextMethod(lambda r=None: FullFineTuningConfig(), 1e-3, (3e-4, 1e-3, 3e-3),
-                       why="every weight"),
-    "lora_qv": TextMethod(_lora(QV), 1e-2, (3e-3, 1e-2, 3e-2), why="LoRA r=8 on q_proj, v_proj"),
-    "lora_all": TextMethod(_lora(ALL_LINEARS), 1e-2, (1e-3, 3e-3, 1e-2), why="LoRA r=8 on every linear"),
-    "dora": TextMethod(_lora(ALL_LINEARS, use_dora=True), 1e-2, (1e-3, 3e-3, 1e-2),
-                       why="DoRA r=8 on every linear"),
-    "qlora": TextMethod(_lora(ALL_LINEARS), 1e-2, (1e-3, 3e-3, 1e-2), quantize=True,
+                       3e-4, (1e-4, 3e-4, 1e-3, 3e-3), why="every weight"),
+    "lora_qv": TextMethod(_lora(QV), 1e-2, (3e-3, 1e-2, 3e-2), 1e-2, (3e-3, 1e-2, 3e-2),
+                          why="LoRA r=8 on q_proj, v_proj"),
+    "lora_all": TextMethod(_lora(ALL_LINEARS), 1e-2, (3e-3, 1e-2, 3e-2), 3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
+                           why="LoRA r=8 on every linear"),
+    "dora": TextMethod(_lora(ALL_LINEARS, use_dora=True), 1e-2, (3e-3, 1e-2, 3e-2),
+                       1e-2, (1e-3, 3e-3, 1e-2, 3e-2), why="DoRA r=8 on every linear"),
+    "qlora": TextMethod(_lora(ALL_LINEARS), 1e-2, (3e-3, 1e-2, 3e-2),
+                        1e-2, (1e-3, 3e-3, 1e-2, 3e-2), quantize=True,
                         why="LoRA r=8 on every linear over an NF4 base"),
-    "lora_tokens": TextMethod(_lora_new_tokens, 1e-2, (1e-3, 3e-3, 1e-2),
+    "lora_tokens": TextMethod(_lora_new_tokens, 1e-2, (3e-3, 1e-2, 3e-2),
+                              3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
                               why="LoRA r=8 on every linear + the embedding rows of Alice's new "
                                   "characters (trainable_token_indices)"),
-    "ia3": TextMethod(lambda r=None: IA3Config(), 1e-1, (1e-2, 3e-2, 1e-1),
+    "ia3": TextMethod(lambda r=None: IA3Config(), 1e-1, (3e-2, 1e-1, 3e-1), 1e-1, (3e-2, 1e-1, 3e-1),
                       why="(IA)3 vectors on k, v and the fc2 input"),
-    "houlsby": TextMethod(_bottleneck("houlsby"), 1e-2, (1e-3, 3e-3, 1e-2),
+    "houlsby": TextMethod(_bottleneck("houlsby"), 1e-2, (3e-3, 1e-2, 3e-2), 3e-3, (1e-3, 3e-3, 1e-2, 3e-2),
                           why="serial adapters after attention and MLP, bottleneck 16"),
-    "parallel": TextMethod(_bottleneck("parallel"), 1e-2, (1e-3, 3e-3, 1e-2),
-                           why="parallel adapters, bottleneck 16"),
-    "prefix": TextMethod(_prefix(False), 1e-1, (1e-2, 3e-2, 1e-1),
+    "parallel": TextMethod(_bottleneck("parallel"), 1e-2, (3e-3, 1e-2, 3e-2),
+                           1e-2, (1e-3, 3e-3, 1e-2, 3e-2), why="parallel adapters, bottleneck 16"),
+    "prefix": TextMethod(_prefix(False), 3e-1, (3e-2, 1e-1, 3e-1, 1e0), 1e-1, (3e-2, 1e-1, 3e-1, 1e0),
                          why=f"{VIRTUAL_TOKENS} virtual tokens, the key/value table trained directly"),
-    "prefix_mlp": TextMethod(_prefix(True), 1e-2, (3e-3, 1e-2, 3e-2),
+    "prefix_mlp": TextMethod(_prefix(True), 3e-2, (3e-3, 1e-2, 3e-2, 1e-1),
+                             3e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                              why=f"{VIRTUAL_TOKENS} virtual tokens through a 64-unit MLP"),
-    "prompt": TextMethod(lambda r=None: PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
-                                                           prompt_tuning_init="SAMPLE_VOCAB"),
-                         3e-2, (3e-2, 1e-1, 3e-1), why=f"{VIRTUAL_TOKENS} soft input tokens"),
-    "bitfit": TextMethod(lambda r=None: BitFitConfig(), 3e-2, (3e-3, 1e-2, 3e-2), why="biases only"),
+    "prompt": TextMethod(_prompt("TEXT", "shift"), 3e-2, (1e-2, 3e-2, 1e-1),
+                         1e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+                         why=f"{VIRTUAL_TOKENS} soft input tokens, started as the embeddings of "
+                             f"{PROMPT_INIT_TEXT!r} at positions 0-{VIRTUAL_TOKENS - 1}"),
+    "bitfit": TextMethod(lambda r=None: BitFitConfig(), 1e-1, (1e-2, 3e-2, 1e-1, 3e-1),
+                         3e-2, (1e-2, 3e-2, 1e-1), why="biases only"),
 }
+
+# Prompt-tuning starts the sweep also tries on Alice (not in the main job): the choice of
+# METHODS["prompt"]'s start is made on validation like its rate.
+SWEEP_VARIANTS = {
+    "prompt_vocab_keep": TextMethod(_prompt("SAMPLE_VOCAB", "keep"), 1e-1, (1e-2, 3e-2, 1e-1, 3e-1),
+                                    why="prompt tuning started from 10 random vocabulary rows, "
+                                        "no position embedding for them"),
+    "prompt_vocab_shift": TextMethod(_prompt("SAMPLE_VOCAB", "shift"), 3e-2, (1e-2, 3e-2, 1e-1),
+                                     why="prompt tuning started from 10 random vocabulary rows "
+                                         "at positions 0-9"),
+}
+
+
+def method_spec(name: str) -> TextMethod:
+    return METHODS[name] if name in METHODS else SWEEP_VARIANTS[name]
 
 
 @dataclass(frozen=True)
@@ -138,8 +173,9 @@ class TextSettings:
     fraction_seeds: tuple = (0,)
     eval_windows: int = 128                      # fixed windows per split for every loss
     classify_steps: int = 30
-    classify_seeds: tuple = (0,)
+    classify_seeds: tuple = (0, 1, 2)
     classify_train: int = 400                    # snippets per author to train on
+    classify_validation: int = 100               # per author, the sweep's choice of classify_lr
     classify_test: int = 100                     # held-out snippets per author
     workers: int = 2
 
@@ -148,7 +184,8 @@ SETTINGS = TextSettings()
 QUICK = replace(SETTINGS, steps=10, batch_size=8, window=32, seeds=(0,), ranks=(1, 8),
                 rank_methods=("lora_all",), rank_seeds=(0,), fractions=(0.1,),
                 fraction_methods=("lora_all",), fraction_seeds=(0,), eval_windows=8,
-                classify_steps=8, classify_train=20, classify_test=10)
+                classify_steps=8, classify_seeds=(0,), classify_train=20, classify_validation=10,
+                classify_test=10)
 
 # What a run costs, to hand the main job's runs out longest first (jobs.py): CPU seconds
 # of one Alice run at SETTINGS' sizes per method (r=8), the share of it each unit of
@@ -189,7 +226,7 @@ def window_length(config, window=None) -> int:
 
 def build(method: str, base_dir=TEXT_BASE_DIR, rank=8, seed=0):
     """The base with ``method`` attached (QLoRA: the base quantized to NF4 first)."""
-    spec = METHODS[method]
+    spec = method_spec(method)
     base = load_model(base_dir)
     if spec.quantize:
         from quantization import quantize_model
@@ -328,20 +365,18 @@ def base_record(base_dir) -> dict:
     return record
 
 
-def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, lr_sweep=False, classify=True):
-    """Every run of the job (``jobs.execute`` hands them out longest first)."""
+def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, classify=True):
+    """Every run of the job (``jobs.execute`` hands them out longest first). The
+    learning-rate sweep plans its own runs (``text_sweep.next_runs``)."""
     common = dict(steps=s.steps, batch_size=s.batch_size, eval_windows=s.eval_windows,
                   window=s.window, base_dir=base_dir)
-    if lr_sweep:
-        return [RunSpec(m, s.seeds[0], lr=lr, split="validation", **common)
-                for m in methods for lr in METHODS[m].lr_grid]
     specs = [RunSpec(m, seed, lr=METHODS[m].lr, **common) for m in methods for seed in s.seeds]
     specs += [RunSpec(m, seed, lr=METHODS[m].lr, rank=r, **common) for m in s.rank_methods
               if m in methods for r in s.ranks if r != 8 for seed in s.rank_seeds]
     specs += [RunSpec(m, seed, lr=METHODS[m].lr, fraction=f, **common) for m in s.fraction_methods
               if m in methods for f in s.fractions for seed in s.fraction_seeds]
     if classify:
-        specs += [RunSpec(m, seed, s.classify_steps, s.batch_size, s.eval_windows, METHODS[m].lr,
+        specs += [RunSpec(m, seed, s.classify_steps, s.batch_size, s.eval_windows, METHODS[m].classify_lr,
                           kind="classify", base_dir=base_dir, n_train=s.classify_train,
                           n_test=s.classify_test) for m in methods for seed in s.classify_seeds]
     return specs
@@ -371,7 +406,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one seed, short runs; writes results/text_quick/")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-sweep", action="store_true",
-                   help="try each method's lr_grid on the validation split (seed 0)")
+                   help="the validation sweep's options (it runs as code/stage-09/text_sweep.py)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --lr-sweep: keep the runs in OUT/progress.jsonl of an interrupted sweep")
     p.add_argument("--steps", type=int, default=None, help="override SETTINGS.steps (recorded)")
     p.add_argument("--workers", type=int, default=SETTINGS.workers)
     p.add_argument("--base", default=TEXT_BASE_DIR, help="the pretrained text base's directory")
@@ -406,7 +443,7 @@ def comparison_job(a) -> jobs.Job:
     """The runs of ``parse_args``'s settings as one ``jobs.Job`` (``main_job.py`` runs it in
     one pool with the digit comparison)."""
     s = a.settings
-    specs = plan(s, a.methods, a.base, a.lr_sweep)
+    specs = plan(s, a.methods, a.base)
     os.makedirs(a.out, exist_ok=True)
 
     def finish(rows, base, timing):
@@ -423,6 +460,10 @@ def comparison_job(a) -> jobs.Job:
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.lr_sweep:                   # its own loop (text_sweep imports this module, not back)
+        raise SystemExit("the learning-rate sweep runs from its own file, with the same options: "
+                         "python code/stage-09/text_sweep.py " + " ".join(
+                             x for x in (argv if argv is not None else sys.argv[1:]) if x != "--lr-sweep"))
     jobs.run_jobs([comparison_job(a)], a.workers, a.command)
 
 

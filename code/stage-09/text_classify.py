@@ -5,9 +5,10 @@ token: ``S`` for Shakespeare, ``C`` for Carroll (*Alice*)::
 
     "ALICE: Curiouser and curiouser ... \\n\\n"  ->  "C"
 
-Training snippets come from the training splits, the reported accuracy from the
-held-out test splits (the learning-rate sweep would use validation), with as
-many snippets of each author, so always answering one author -- the majority
+Training snippets come from the training splits, each method's learning rate is
+chosen on snippets of the validation splits and the reported accuracy is measured
+on the test splits (three disjoint blocks of each text), with as many snippets of
+each author, so always answering one author -- the majority
 baseline -- scores 50%. A prediction is the more likely of the two label tokens
 at the position after the separator (rank classification, as in T5's and
 GPT-3's evaluations); the model is also scored on whether the label is its top
@@ -60,21 +61,27 @@ def make_examples(split: str, n_per_author: int, window: int, seed: int = 0):
 
 
 def accuracy(model, inputs, positions, labels, batch_size=64) -> dict:
-    """Rank accuracy (the more likely of the two labels) and top-1 accuracy over all bytes."""
+    """Rank accuracy (the more likely of the two labels), top-1 accuracy over all bytes and
+    the loss at the label position (nats; what training lowers, and a tie-free score)."""
     was_training = getattr(model, "training", True)
     model.eval()
-    ranked, top1 = [], []
+    ranked, top1, nll = [], [], []
     ids = label_ids()
     try:
         for s in range(0, len(inputs), batch_size):
             logits = model.forward(inputs[s:s + batch_size])                    # (b, T, V)
             at = logits[np.arange(len(logits)), positions[s:s + batch_size]]    # (b, V)
+            right = ids[labels[s:s + batch_size]]                               # (b,)
             ranked.append(at[:, ids].argmax(-1))
-            top1.append(at.argmax(-1) == ids[labels[s:s + batch_size]])
+            top1.append(at.argmax(-1) == right)
+            m = at.max(-1)                          # log softmax = a - m - log sum exp(a - m)
+            log_z = m + np.log(np.exp(at - m[:, None]).sum(-1))
+            nll.append(log_z - at[np.arange(len(at)), right])
     finally:
         model.train(was_training)
     ranked, top1 = np.concatenate(ranked), np.concatenate(top1)
-    return {"accuracy": float(np.mean(ranked == labels)), "top1_accuracy": float(np.mean(top1))}
+    return {"accuracy": float(np.mean(ranked == labels)), "top1_accuracy": float(np.mean(top1)),
+            "label_loss": float(np.mean(np.concatenate(nll)))}
 
 
 def majority_baseline(labels) -> float:
@@ -94,12 +101,15 @@ class ExampleSampler:
 
 
 def train_and_score(model, window, steps, lr, batch_size, seed, n_train, n_test, split="test"):
-    """Fine-tune ``model`` on the task; accuracy on the held-out ``split`` before and after.
+    """Fine-tune ``model`` on the task; accuracy on the held-out ``split`` before and after
+    (``"validation"`` for the learning-rate sweep, ``"test"`` for the reported numbers).
 
     Returns the measurements and the seconds per step.
     """
     from optim import AdamW
     from train import train
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test' (held out), got {split!r}")
     x, y, _, _ = make_examples("train", n_train, window, seed=0)
     inputs, _, positions, labels = make_examples(split, n_test, window, seed=0)
     before = accuracy(model, inputs, positions, labels)
@@ -107,6 +117,7 @@ def train_and_score(model, window, steps, lr, batch_size, seed, n_train, n_test,
                     optimizer=AdamW(model, lr=lr), warmup_steps=max(1, steps // 20), progress=False)
     after = accuracy(model, inputs, positions, labels)
     return {"accuracy": after["accuracy"], "top1_accuracy": after["top1_accuracy"],
-            "accuracy_before": before["accuracy"], "majority_baseline": majority_baseline(labels),
-            "n_test": len(labels), "final_train_loss": float(np.mean(history["losses"][-10:]))
+            "label_loss": after["label_loss"], "accuracy_before": before["accuracy"],
+            "majority_baseline": majority_baseline(labels), "n_test": len(labels),
+            "final_train_loss": float(np.mean(history["losses"][-10:]))
             }, history["seconds"] / max(steps, 1)

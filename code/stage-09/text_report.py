@@ -54,29 +54,31 @@ def summarize(rows, base) -> list[dict]:
 
 
 def summarize_classification(rows) -> list[dict]:
+    """Mean and std over seeds per (method, learning rate) of the authorship runs."""
     groups = defaultdict(list)
     for r in (r for r in rows if r["kind"] == "classify"):
-        groups[r["method"]].append(r)
+        groups[(r["method"], r["lr"])].append(r)
     out = []
-    for method, rs in groups.items():
-        s = {"method": method, "lr": rs[0]["lr"], "seeds": len(rs), "steps": rs[0]["steps"],
+    for (method, lr), rs in groups.items():
+        s = {"method": method, "lr": lr, "seeds": len(rs), "steps": rs[0]["steps"],
              "trainable_params": rs[0]["trainable_params"], "n_test": rs[0]["n_test"],
-             "majority_baseline": rs[0]["majority_baseline"]}
-        for f in ("accuracy", "top1_accuracy", "accuracy_before"):
-            v = [r[f] for r in rs]
-            s[f], s[f + "_std"] = float(np.mean(v)), float(np.std(v))
+             "majority_baseline": rs[0]["majority_baseline"], "split": rs[0].get("split", "test")}
+        for f in ("accuracy", "top1_accuracy", "accuracy_before", "label_loss"):
+            v = [r[f] for r in rs if f in r]
+            if v:
+                s[f], s[f + "_std"] = float(np.mean(v)), float(np.std(v))
         out.append(s)
-    return sorted(out, key=lambda s: s["trainable_params"])
+    return sorted(out, key=lambda s: (s["trainable_params"], s["method"], s["lr"]))
 
 
 def format_table(summary, base, split="test") -> str:
-    head = (f"{'method':<16} {'lr':>6} {'trainable':>9} {'%':>7} {'Alice loss':>14} {'Shakesp. rise':>14} "
+    head = (f"{'method':<18} {'lr':>6} {'trainable':>9} {'%':>7} {'Alice loss':>14} {'Shakesp. rise':>14} "
             f"{'disabled':>9} {'new chars':>9} {'ms/step':>7} {'state KB':>8} {'file KB':>8}")
     lines = [f"base ({split} split): Alice {base[f'alice_{split}']:.3f}, Shakespeare "
              f"{base[f'shakespeare_{split}']:.3f} nats/char", head, "-" * len(head)]
     for s in summary:
         lines.append(
-            f"{s['label']:<16} {s['lr']:>6.0e} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
+            f"{s['label']:<18} {s['lr']:>6.0e} {s['trainable_params']:>9,} {s['trainable_pct']:>7.3f} "
             f"{s['alice_loss']:>7.3f}±{s['alice_loss_std']:.3f} {s['forgetting']:>+7.3f}±"
             f"{s['forgetting_std']:.3f} {s['disabled_rise']:>+9.3f} {s['new_char_loss']:>9.2f} "
             f"{s['step_ms']:>7.1f} "
@@ -90,12 +92,12 @@ def format_table(summary, base, split="test") -> str:
 def format_classification(csum) -> str:
     if not csum:
         return ""
-    lines = [f"{'method':<12} {'trainable':>9} {'accuracy':>14} {'top-1':>6} {'before':>6} "
-             f"{'majority':>8}"]
+    lines = [f"{'method':<12} {'lr':>6} {'trainable':>9} {'accuracy':>14} {'top-1':>6} {'before':>6} "
+             f"{'majority':>8} {'seeds':>5}"]
     for s in csum:
-        lines.append(f"{s['method']:<12} {s['trainable_params']:>9,} {s['accuracy']:>7.3f}±"
+        lines.append(f"{s['method']:<12} {s['lr']:>6.0e} {s['trainable_params']:>9,} {s['accuracy']:>7.3f}±"
                      f"{s['accuracy_std']:.3f} {s['top1_accuracy']:>6.3f} {s['accuracy_before']:>6.3f} "
-                     f"{s['majority_baseline']:>8.3f}")
+                     f"{s['majority_baseline']:>8.3f} {s['seeds']:>5}")
     return "\n".join(lines)
 
 
@@ -150,12 +152,22 @@ def findings(summary, csum, base) -> list[str]:
                    f"loss {lo['alice_loss']:.3f} vs {t['alice_loss']:.3f}.")
     out += low_data_findings(summary, base)
     if csum:
-        best = max(csum, key=lambda s: s["accuracy"])
-        worst = min(csum, key=lambda s: s["accuracy"])
-        out.append(f"Authorship: {best['method']} is best at {best['accuracy']:.1%}, {worst['method']}"
-                   f" lowest at {worst['accuracy']:.1%}; always answering one author scores "
-                   f"{best['majority_baseline']:.0%}.")
+        out.append(authorship_finding(csum))
     return out
+
+
+def authorship_finding(csum) -> str:
+    """The authorship task in one sentence: best, worst, and who beats the majority baseline
+    by more than twice its seed spread."""
+    best = max(csum, key=lambda s: s["accuracy"])
+    worst = min(csum, key=lambda s: s["accuracy"])
+    majority = best["majority_baseline"]
+    weak = [s["method"] for s in csum if s["accuracy"] - 2 * s["accuracy_std"] <= majority]
+    return (f"Authorship (held-out snippets, mean ± std over {best['seeds']} seed{'s' * (best['seeds'] > 1)}): {best['method']} is "
+            f"best at {best['accuracy']:.1%} ± {best['accuracy_std']:.1%}, {worst['method']} lowest at "
+            f"{worst['accuracy']:.1%} ± {worst['accuracy_std']:.1%}; always answering one author scores "
+            f"{majority:.0%}. {len(csum) - len(weak)} of {len(csum)} methods beat that by more than "
+            f"twice their seed spread" + (f" (not: {', '.join(weak)})." if weak else "."))
 
 
 def low_data_findings(summary, base) -> list[str]:
@@ -280,15 +292,17 @@ def write_text_results(rows, base, out, command, timing, settings, methods, swee
     write_csv(os.path.join(out, "classification.csv"), csum)
     order = list(methods)
     meta = {**job_meta(command, timing), "base": base, "settings": asdict(settings), "sample": sample,
-            "methods": {m: {"lr": spec.lr, "lr_grid": list(spec.lr_grid), "why": spec.why,
+            "methods": {m: {"lr": spec.lr, "lr_grid": list(spec.lr_grid), "classify_lr": spec.classify_lr,
+                            "classify_lr_grid": list(spec.classify_lr_grid), "why": spec.why,
                             "quantize": spec.quantize} for m, spec in methods.items()}}
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(
         {"meta": meta, "summary": summary, "classification": csum, "findings": words,
          "runs": rows}, indent=1))
-    if not sweep:
-        plot_learn_forget(summary, base, os.path.join(out, "learn_forget.png"), order)
-        plot_low_data(summary, base, os.path.join(out, "low_data.png"), order)
-        plot_classification(csum, os.path.join(out, "classification.png"), order)
+    if sweep:                        # text_sweep.write_sweep_readme writes its README
+        return summary, csum, words
+    plot_learn_forget(summary, base, os.path.join(out, "learn_forget.png"), order)
+    plot_low_data(summary, base, os.path.join(out, "low_data.png"), order)
+    plot_classification(csum, os.path.join(out, "classification.png"), order)
     bullets = "".join(f"- {w}\n" for w in words)
     atomic_write_text(os.path.join(out, "README.md"),
                       f"# Real-text results: Shakespeare base adapted to Alice\n\n{len(rows)} runs: "
@@ -342,14 +356,30 @@ def readme_block(results, image="results/text/learn_forget.png", show=("full", "
 
 
 def choose_learning_rates(sweep_results) -> dict:
-    """``{method: lr}``: the rate with the lowest Alice *validation* loss in a ``--lr-sweep``'s
-    ``results.json`` (ties: the smaller Shakespeare rise)."""
-    best = {}
-    for s in sweep_results["summary"]:
-        key = (s["alice_loss"], s["forgetting"])
-        if s["method"] not in best or key < best[s["method"]][0]:
-            best[s["method"]] = (key, s["lr"])
-    return {m: lr for m, (_, lr) in best.items()}
+    """``{method: lr}``: the rate with the lowest Alice *validation* loss (mean over the
+    seeds it has) in a ``--lr-sweep``'s ``results.json``; ties: the smaller Shakespeare rise."""
+    return {m: ranked[0]["lr"] for m, ranked in ranked_rates(sweep_results).items()}
+
+
+def ranked_rates(sweep_results, kind="adapt") -> dict:
+    """``{method: [summary row per rate, best first]}`` of a sweep: Alice by validation loss
+    (ties: the smaller Shakespeare rise), authorship (``kind="classify"``) by validation
+    accuracy (ties: the lower loss at the label position)."""
+    groups = defaultdict(list)
+    if kind == "adapt":
+        for s in sweep_results["summary"]:
+            groups[s["method"]].append(s)
+        key = lambda s: (s["alice_loss"], s["forgetting"])                 # noqa: E731
+    else:
+        for s in sweep_results["classification"]:
+            groups[s["method"]].append(s)
+        key = lambda s: (-s["accuracy"], s.get("label_loss", 0.0))         # noqa: E731
+    return {m: sorted(rows, key=key) for m, rows in groups.items()}
+
+
+def choose_classification_rates(sweep_results) -> dict:
+    """``{method: lr}``: the best validation accuracy of the authorship task (mean over seeds)."""
+    return {m: ranked[0]["lr"] for m, ranked in ranked_rates(sweep_results, "classify").items()}
 
 
 README_MARKERS = ("<!-- real-text results: start (python code/stage-09/text_report.py --readme) -->",

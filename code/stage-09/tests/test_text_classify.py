@@ -32,6 +32,26 @@ def test_snippets_come_from_their_own_split():
         assert snippet in split
 
 
+def test_validation_and_test_snippets_are_not_in_the_training_text():
+    """The rate is chosen on validation snippets, accuracy reported on test snippets: neither
+    occurs in the text the model trains on (nor in each other's split)."""
+    from text import corpus_splits
+    for split, other in (("validation", "test"), ("test", "validation")):
+        x, _, pos, labels = tc.make_examples(split, 30, WINDOW, seed=0)
+        for row, p, lab in zip(x, pos, labels):
+            snippet = row[:p + 1 - len(tc.SEPARATOR)].astype(np.uint8).tobytes()
+            splits = corpus_splits(tc.AUTHORS[lab])
+            assert snippet in splits[split].astype(np.uint8).tobytes()
+            for elsewhere in ("train", other):
+                assert snippet not in splits[elsewhere].astype(np.uint8).tobytes()
+
+
+def test_scoring_refuses_the_training_split():
+    import pytest
+    with pytest.raises(ValueError, match="split must be 'validation' or 'test'"):
+        tc.train_and_score(None, WINDOW, 1, 1e-3, 2, 0, 2, 2, split="train")
+
+
 def test_right_padding_cannot_change_the_label_logits():
     model = GPT(GPTConfig(vocab_size=256, context_length=WINDOW, d_model=16, n_layers=1, n_heads=2))
     x, _, pos, _ = tc.make_examples("test", 2, WINDOW, seed=2)
