@@ -1,7 +1,9 @@
 """GPT-2 small (124 M parameters) in NumPy: what real scale costs, measured.
 
-    python bench/bench_gpt2.py            # about 15-25 minutes on 2 busy cores
-    python bench/bench_gpt2.py --quick    # a rough look (fewer steps, a shorter sweep)
+    python bench/bench_gpt2.py                          # every part
+    python bench/bench_gpt2.py --parts step,generation  # only these; results.json keeps the rest
+    python bench/bench_gpt2.py --quick                  # a rough look (fewer steps, a shorter sweep)
+    python bench/bench_gpt2.py --report-only            # README.md again from results.json
 
 1. **Checkpoint.** ``transformers`` builds ``GPT2LMHeadModel`` with GPT-2 small's
    configuration (768 wide, 12 layers, 12 heads, context 1,024, vocabulary 50,257)
@@ -14,6 +16,9 @@
    thread, ``data_parallel.py``), in alternating blocks of
    steps (the child process times its own steps), so a machine whose speed drifts
    slows both alike. The ratio is the median over rounds of the blocks' median ratio.
+   Both processes first call ``data_parallel.keep_freed_memory()``: a step allocates
+   and frees the same arrays (the 206 MB logits among them) every time, and without
+   it each would come back as fresh pages from the kernel on every step, on both sides.
 3. **Memory** of full fine-tuning, LoRA and QLoRA, from the arrays held after one
    step (``accounting.memory_report``: weights, gradients, AdamW moments; a 4-bit
    weight counts its packed bytes), and the peak of the step's temporaries
@@ -22,9 +27,9 @@
    sequence length (LoRA on ``c_attn``, random GPT-2-small-wide models): a plot.
 5. **The course's 7B and 70B tables** recomputed from the bytes per parameter
    measured in 3 (weights, gradients and optimizer state; activations excluded).
-6. **Generation**: greedy tokens per second (``GPT.generate``, which runs the whole
-   sequence again for every new token) and, when ``generate.py`` offers a key/value
-   cache, with it.
+6. **Generation**: greedy tokens per second, batch 1, with ``generate.py``'s
+   key/value cache and without it (a full forward over the whole sequence for every
+   new token); both must pick the same tokens.
 
 Writes ``results/bench_gpt2/results.json``, ``scaling.png`` and ``README.md`` (the tables).
 """
@@ -47,11 +52,12 @@ sys.path.insert(0, os.path.join(ROOT, "code", "stage-09"))
 import numpy as np  # noqa: E402
 
 from accounting import memory_report  # noqa: E402
-from data_parallel import DataParallel  # noqa: E402
+from data_parallel import DataParallel, keep_freed_memory  # noqa: E402
+from generate import generate, tokens_per_second  # noqa: E402
 from gpt2 import GPT2LMHeadModel  # noqa: E402
 from hf_import import load_hf_checkpoint  # noqa: E402
 from minigpt import GPTConfig  # noqa: E402
-from nn import cross_entropy  # noqa: E402
+from nn import blas_controller, cross_entropy  # noqa: E402
 from optim import AdamW  # noqa: E402
 from peft_model import FullFineTuningConfig, LoraConfig, get_peft_model  # noqa: E402
 from quantization import quantize_model  # noqa: E402
@@ -92,7 +98,8 @@ class TorchSide:
         cmd, kw = torch_child(["serve"], self._dir.name)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
         setup = dict(checkpoint=checkpoint, threads=2, r=RANK, modules=TARGETS, attention=attention,
-                     tokens=tokens.tolist(), labels=labels.tolist())
+                     tokens=tokens.tolist(), labels=labels.tolist(),
+                     paths=[os.path.join(ROOT, "code", "stage-09")])   # for keep_freed_memory
         self.info = self._ask(json.dumps(setup))
 
     def _ask(self, line) -> dict:
@@ -110,6 +117,13 @@ class TorchSide:
         self.proc.stdin.close()
         self.proc.wait()
         self._dir.cleanup()
+
+
+def blas_threads():
+    """How many threads NumPy's BLAS uses here (``None`` if threadpoolctl cannot tell)."""
+    blas = blas_controller()
+    info = blas.info() if blas is not None else []
+    return info[0]["num_threads"] if info else None
 
 
 def make_batch(vocab_size, batch=BATCH, seq=SEQ, seed=0):
@@ -144,7 +158,9 @@ def parallel_step(dp, optimizer, tokens, labels) -> float:
 
 def step_ratio(checkpoint, rounds, steps) -> dict:
     """Ours (one process, 2 BLAS threads; and two processes of one thread each, as
-    ``train(..., processes=2)``) and theirs in alternating blocks, after one untimed step each."""
+    ``train(..., processes=2)``) and theirs in alternating blocks, after one untimed step each.
+    Here and in the PyTorch child freed memory is kept for reuse (``keep_freed_memory``)."""
+    kept = keep_freed_memory()
     pm, opt = lora(load_hf_checkpoint(checkpoint))
     pm2, opt2 = lora(load_hf_checkpoint(checkpoint))
     tokens, labels = make_batch(pm.config.vocab_size)
@@ -169,7 +185,8 @@ def step_ratio(checkpoint, rounds, steps) -> dict:
             "median_ms": {n: float(np.median(t)) for n, t in times.items()},
             "ratio": float(np.median(med["numpy"] / med["torch_peft"])),
             "ratio_2proc": float(np.median(med["numpy_2proc"] / med["torch_peft"])),
-            "versions": side.info, "loads": loads}
+            "versions": side.info, "loads": loads, "keep_freed_memory": kept,
+            "blas_threads": blas_threads()}
 
 
 # ------------------------------------------------------------------ 3. memory
@@ -270,22 +287,16 @@ def projections(rows) -> dict:
 
 
 # ------------------------------------------------------------------ 6. generation
-def generation(checkpoint, prompt_len, new_tokens) -> dict:
+def generation(checkpoint, prompt_len, new_tokens, repeats) -> dict:
     """Greedy tokens per second, batch 1, with and without ``generate.py``'s key/value
-    cache (without that module: ``GPT.generate``, no cache, only)."""
+    cache (best of ``repeats`` timings each), and whether both chose the same tokens."""
     model = load_hf_checkpoint(checkpoint)
     prompt = make_batch(model.config.vocab_size, batch=1, seq=prompt_len, seed=1)[0]
-    try:
-        import generate as G
-    except ImportError:
-        start = time.perf_counter()
-        model.generate(prompt, new_tokens)
-        return {"no cache": new_tokens / (time.perf_counter() - start), "kv cache": None}
-    out = {name: G.tokens_per_second(model, prompt, new_tokens, use_cache=flag, repeats=1)
+    out = {name: tokens_per_second(model, prompt, new_tokens, use_cache=flag, repeats=repeats)
            for name, flag in (("no cache", False), ("kv cache", True))}
-    out["same tokens"] = bool(np.array_equal(G.generate(model, prompt, new_tokens, use_cache=True),
-                                             G.generate(model, prompt, new_tokens, use_cache=False)))
-    return out
+    out["same tokens"] = bool(np.array_equal(generate(model, prompt, new_tokens, use_cache=True),
+                                             generate(model, prompt, new_tokens, use_cache=False)))
+    return dict(out, prompt=prompt_len, new_tokens=new_tokens)
 
 
 # ------------------------------------------------------------------ printing
@@ -309,15 +320,18 @@ def report(results) -> str:
     s, gen = results["step"], results["generation"]
     share = 50257 * 768 / next(iter(results["memory"].values()))["num_params"]   # GPT-2's wte
     lines = ["# GPT-2 small in NumPy: measured", "",
-             f"Written by `bench/bench_gpt2.py`{' --quick' if results['quick'] else ''} from `results.json`; "
-             f"random weights saved by `transformers` (no quality is measured here). Machine: 2 cores "
-             f"shared with other work; the load before and after each part, and its minutes:", ""]
-    lines += [f"* {part}: {v['before']} -> {v['after']}; {v['minutes']:.1f} min"
-              for part, v in results["loads"].items()]
+             "Written by `bench/bench_gpt2.py` from `results.json`; random weights saved by "
+             "`transformers` (no quality is measured here). Machine: 2 cores, possibly shared with "
+             "other work; each part was run at its own time (`--parts`), with the load before and "
+             "after it, and its minutes:", ""]
+    lines += [f"* {part}{' (`--quick`)' if v.get('quick', results.get('quick')) else ''}: "
+              f"{'finished ' + v['finished'] + ', ' if 'finished' in v else ''}{v['before']} -> {v['after']}; "
+              f"{v['minutes']:.1f} min" for part, v in results["loads"].items()]
     lines += ["",
              f"## One LoRA step (r = {RANK} on `c_attn`, batch {BATCH} x {SEQ}, AdamW)", "",
              "| | median seconds | steps timed |", "|---|---|---|"]
-    for name, label in (("numpy", "NumPy, one process (2 BLAS threads)"),
+    threads = s.get("blas_threads", 2)                      # (2: set before this was recorded)
+    for name, label in (("numpy", f"NumPy, one process ({threads or '?'} BLAS threads)"),
                         ("numpy_2proc", "NumPy, 2 processes x 1 thread (`train(..., processes=2)`)"),
                         ("torch_peft", "PyTorch + peft (eager, SDPA), 2 threads")):
         lines.append(f"| {label} | {s['median_ms'][name] / 1e3:.2f} | {len(s['ms'][name])} |")
@@ -325,6 +339,11 @@ def report(results) -> str:
               f"(target <= 1.2; median over {len(s['loads']) - 1} "
               f"rounds of alternating blocks). Versions: {s['versions']}. Load per round: "
               + "; ".join(s["loads"]) + ".", "",
+              *(["Both processes keep freed memory for reuse (`data_parallel.keep_freed_memory`), so "
+                 "neither pays fresh pages for its 206 MB logits every step. Ours runs the attention's "
+                 "per-head matmuls and LoRA's rank-8 products on one BLAS thread (`nn.one_blas_thread`), "
+                 "the projections and the head on two; elementwise NumPy runs on one core.", ""]
+                if s.get("keep_freed_memory") else []),
               "## Memory after one step (arrays held) and the step's own peak", "",
               "| setup | frozen MB | trainable MB | gradients MB | AdamW MB | held MB | bytes / param | "
               "step peak MB | step s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -347,8 +366,10 @@ def report(results) -> str:
         lines.append(f"| {name} | {p['frozen_bytes_per_param']:.3f} | {p['state_bytes_per_trainable']:.1f} | "
                      f"{p['7B']:.1f} | {p['70B']:.1f} |")
     cache = "not measured (no generate.py with a cache here)" if gen.get("kv cache") is None else \
-        f"{gen['kv cache']:.1f} tokens/s (same tokens as without: {gen.get('same tokens')})"
-    lines += ["", "## Generation (greedy, batch 1, 32-token prompt)", "",
+        (f"{gen['kv cache']:.1f} tokens/s, {gen['kv cache'] / gen['no cache']:.1f}x (the same tokens "
+         f"as without: {gen.get('same tokens')}; `generate` decodes on one BLAS thread)")
+    lines += ["", f"## Generation (greedy, batch 1, {gen.get('prompt', 32)}-token prompt, "
+              f"{gen.get('new_tokens', 16)} new tokens)", "",
               f"Without a key/value cache: {gen['no cache']:.1f} tokens/s; with it: {cache}.", "",
               "## Growth", "", "![step time and memory against layers and sequence length](scaling.png)", "",
               "| varied | layers | T | step s | held MB | step peak MB |", "|---|---|---|---|---|---|"]
@@ -370,34 +391,47 @@ def main(argv=None):
                         "results.json keeps the other parts of an earlier run")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md from results.json")
     args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        parser.error(f"--parts {args.parts!r}: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = {}
     if os.path.isfile(path):
         with open(path) as f:
             results = json.load(f)
+    missing = [p for p in PARTS if p not in results]
     if args.report_only:
+        if missing:
+            parser.error(f"--report-only: {path} lacks the part(s) {missing}; run them with --parts")
         return write_report(results, args.out)
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tempfile.gettempdir(), "gpt2-small-random"))
-    results.update(checkpoint=checkpoint, quick=args.quick)
+    results["checkpoint"] = checkpoint
     print(f"checkpoint {checkpoint}; {load_line()}", flush=True)
-    for part in args.parts.split(","):
+    for part in parts:
         started, before = time.perf_counter(), load_line()
         results[part] = RUN[part](checkpoint, args)
-        results.setdefault("loads", {})[part] = {"before": before, "after": load_line(),
-                                                 "minutes": (time.perf_counter() - started) / 60}
+        results.setdefault("loads", {})[part] = {
+            "before": before, "after": load_line(), "minutes": (time.perf_counter() - started) / 60,
+            "quick": args.quick, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
         print(f"  ({part}: {results['loads'][part]})", flush=True)
-    if all(part in results for part in PARTS):
+    if "scaling" in parts:
         plot_scaling(results["scaling"], os.path.join(args.out, "scaling.png"))
+    missing = [p for p in PARTS if p not in results]
+    if missing:
+        print(f"README.md not written: results.json lacks {missing} (run them with --parts)")
+    else:
         write_report(results, args.out)
-    print(f"wrote {args.out}")
+        print(f"wrote {os.path.join(args.out, 'README.md')} from {path}")
 
 
 def _step(checkpoint, args):
-    s = step_ratio(checkpoint, rounds=2 if args.quick else 3, steps=1)
-    print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy {s['median_ms']['numpy'] / 1e3:.2f} s, "
+    s = step_ratio(checkpoint, rounds=2 if args.quick else 5, steps=1 if args.quick else 2)
+    print(f"LoRA r={RANK} c_attn step, batch {BATCH} x {SEQ}: NumPy ({s['blas_threads']} BLAS threads) "
+          f"{s['median_ms']['numpy'] / 1e3:.2f} s, "
           f"PyTorch + peft {s['median_ms']['torch_peft'] / 1e3:.2f} s, ours/theirs {s['ratio']:.2f}; "
           f"2 processes {s['median_ms']['numpy_2proc'] / 1e3:.2f} s, {s['ratio_2proc']:.2f} "
           f"({s['versions']})", flush=True)
@@ -412,8 +446,9 @@ def _memory(checkpoint, args):
 
 
 def _generation(checkpoint, args):
-    g = generation(checkpoint, prompt_len=32, new_tokens=8 if args.quick else 16)
-    print(f"greedy generation, batch 1, prompt 32: {g}", flush=True)
+    g = generation(checkpoint, prompt_len=32, new_tokens=8 if args.quick else 32,
+                   repeats=1 if args.quick else 2)
+    print(f"greedy generation, batch 1: {g}", flush=True)
     return g
 
 

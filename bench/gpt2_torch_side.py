@@ -9,7 +9,9 @@ would find the course's ``peft.py``). Two modes::
         saved with save_pretrained: the checkpoint both sides load.
     python gpt2_torch_side.py serve
         reads one JSON setup line, builds peft LoRA on the checkpoint, then times one
-        training step (forward, cross-entropy, backward, AdamW) per line "step".
+        training step (forward, cross-entropy, backward, AdamW) per line "step". With
+        ``paths`` (the course's folder) in the setup it first calls the course's
+        ``keep_freed_memory()``, as the NumPy side does.
 
 It prints the milliseconds it measured itself, so the pipe costs nothing.
 """
@@ -34,8 +36,12 @@ def make(directory, overrides):
 
 
 def serve():
-    import peft
+    import peft                             # Hugging Face's, before the course's folder is on the path
     setup = json.loads(sys.stdin.readline())
+    sys.path.extend(setup.get("paths", []))
+    if setup.get("paths"):
+        from data_parallel import keep_freed_memory
+        keep_freed_memory()                 # as in the NumPy process: freed pages are reused
     torch.set_num_threads(setup["threads"])
     model = transformers.GPT2LMHeadModel.from_pretrained(setup["checkpoint"],
                                                          attn_implementation=setup["attention"])

@@ -4,6 +4,7 @@ Only the command lines are checked here (a timing run takes
 minutes); ``make bench`` runs them for real.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,6 @@ def test_benchmark_starts_from_another_directory(script, tmp_path):
     assert "--quick" in done.stdout and "--no-torch" in done.stdout
 
 
-
 BUDGET_MINUTES = 20        # the issue's limit for the whole main job on 2 cores
 MARGIN = 0.8               # planned to fit in 80% of it: a busier machine, a slower one
 
@@ -35,3 +35,26 @@ def test_the_planned_main_job_fits_its_budget_on_two_idle_cores(tmp_path):
     assert done.returncode == 0, done.stderr
     projected = float(done.stdout.split("projected ")[1].split(" min")[0])
     assert projected <= MARGIN * BUDGET_MINUTES, done.stdout
+
+
+def run_gpt2_bench(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench_gpt2.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_gpt2_bench_refuses_an_unknown_part_before_measuring(tmp_path):
+    done = run_gpt2_bench("--parts", "step,speed", "--out", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "'speed'" in done.stderr and "step, memory, generation, scaling" in done.stderr
+    assert not os.listdir(tmp_path)                         # nothing measured, nothing written
+
+
+def test_gpt2_bench_readme_is_the_report_of_its_results_json(tmp_path):
+    """results/bench_gpt2/README.md holds no retyped number: ``--report-only`` on the
+    committed results.json writes exactly the committed README."""
+    committed = os.path.join(os.path.dirname(HERE), "results", "bench_gpt2")
+    shutil.copy(os.path.join(committed, "results.json"), tmp_path)
+    done = run_gpt2_bench("--report-only", "--out", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "README.md") as mine, open(os.path.join(committed, "README.md")) as theirs:
+        assert mine.read() == theirs.read()

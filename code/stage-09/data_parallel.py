@@ -57,7 +57,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from nn import IGNORE_INDEX, cross_entropy, parameter_owner
+from nn import IGNORE_INDEX, blas_controller, cross_entropy, parameter_owner
 from validate import check_int, check_number
 
 _ALIGN = 64                      # bytes: each array starts on its own cache line
@@ -91,15 +91,13 @@ def _blas_controller():
     """threadpoolctl's handle on this process's BLAS, or ``None`` (with a warning) when the
     package is missing: the step is then still correct, only slower, because this
     process's BLAS threads compete with the workers for the cores."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
+    blas = blas_controller()
+    if blas is None:
         warnings.warn("threadpoolctl is not installed, so this process's BLAS keeps all its "
                       "threads beside the data-parallel workers (slower, not wrong); "
                       "`pip install threadpoolctl`, or re-run `make test` / `pip install -e .`",
                       RuntimeWarning, stacklevel=3)
-        return None
-    return ThreadpoolController().select(user_api="blas")
+    return blas
 
 
 def keep_freed_memory() -> bool:
@@ -111,6 +109,9 @@ def keep_freed_memory() -> bool:
     (and the kernel's zeroing) for every 4 KB page again: on the teaching config
     that was 23 ms instead of 30 ms for the same step, depending only on the
     allocator's history. Raising both thresholds keeps the pages in the process.
+    glibc caps the mmap threshold at 32 MB, so arrays larger than that (GPT-2 small's
+    logits, 1024 x 50257 floats, are 206 MB) would still get fresh pages every step;
+    ``M_MMAP_MAX = 0`` serves them from the reusable heap as well.
     Costs: the process keeps its peak memory. Returns ``False`` (changing nothing)
     where the C library has no ``mallopt`` (macOS, Windows).
     """
@@ -118,8 +119,9 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    return (bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+            & bool(mallopt(M_MMAP_MAX, 0)))
 
 
 # ---- parameters in shared memory ---------------------------------------------

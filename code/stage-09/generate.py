@@ -5,7 +5,8 @@ with any method: LoRA (merged or not), DoRA, (IA)3, adapters, prefix and prompt
 tuning, BitFit, full fine-tuning, and inside ``disable_adapter()``. ``GPT.generate``
 and ``PeftModel.generate`` call it. It needs only the model's protocol (``forward``,
 ``embed``, ``forward_embeds``, the attention's stored keys and values), so it
-imports nothing from the project. ``sample_text.py`` is its command line.
+imports nothing from the project but ``nn.one_blas_thread``. ``sample_text.py`` is
+its command line.
 
 **The cache.** A full forward pass for every new token recomputes the keys and
 values of every earlier token, at every layer, although they cannot change (the
@@ -33,12 +34,19 @@ every method and position convention.
 ``top_k`` keeps the ``k`` largest logits (ties with the ``k``-th included); the draw
 uses ``np.random.default_rng(seed)``, one uniform number per sequence per step, so
 the same seed gives the same text with or without the cache.
+
+**One BLAS thread.** Decoding multiplies a few token vectors by every weight matrix,
+one product after another: each is small and bound by reading the weights, and a
+hand-off between BLAS threads on every one of them costs more than a second thread
+saves (on a shared 2-core machine, many times more). So ``generate`` runs on one.
 """
 from __future__ import annotations
 
 import time
 
 import numpy as np
+
+from nn import one_blas_thread
 
 
 def _base(model):
@@ -135,8 +143,9 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, seed=0,
     was_training = getattr(model, "training", True)
     model.eval()
     try:
-        return _decode(model, seq.astype(np.int64), max_new_tokens, temperature, top_k, rng,
-                       use_cache and forward is None, eos_id, forward or model.forward)
+        with one_blas_thread():
+            return _decode(model, seq.astype(np.int64), max_new_tokens, temperature, top_k, rng,
+                           use_cache and forward is None, eos_id, forward or model.forward)
     finally:
         model.train(was_training)
 

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from nn import Dropout, Linear, Module
+from nn import Dropout, Linear, Module, on_one_blas_thread
 from validate import positive_int, positive_number, probability
 
 
@@ -116,11 +116,13 @@ class LoRALayer(Module):
                              f"got init_lora_weights={init_lora_weights!r}")
 
     # ---- inside a model: the update alone; gradients accumulate --------------
+    @on_one_blas_thread                                     # rank-r products: small
     def delta(self, x):
         """``scaling * dropout(x) @ A.T @ B.T``: ``(..., in)`` -> ``(..., out)``."""
         out, self.cache = lora_forward(self.dropout(x), self.A, self.B, self.scaling)
         return out
 
+    @on_one_blas_thread
     def delta_backward(self, dout):
         """Backward of ``delta``: adds into ``A_grad``, ``B_grad``; returns dx ``(..., in)``."""
         dx, dA, dB = lora_backward(dout, self.cache, self.wants_grad("A") or self.wants_grad("B"))

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from generate import generate
-from nn import ACTIVATIONS, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from nn import (ACTIVATIONS, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList,
+                on_one_blas_thread)
 from validate import as_array, check_int, positive_int
 
 
@@ -113,6 +114,8 @@ class CausalSelfAttention(Module):
     Matmuls write through ``out=`` views straight into these layouts, so merging
     heads is a free reshape; ``q`` is scaled before ``k q^T`` (fewer numbers than
     the scores).
+    The per-head matmuls (``B * H`` BLAS calls of ``T x d_head`` each) run on one BLAS
+    thread (``nn.one_blas_thread``): split over threads, each call would pay a hand-off.
     """
 
     def __init__(self, config: GPTConfig, rng):
@@ -156,6 +159,7 @@ class CausalSelfAttention(Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)   # (B, T, D) each
         return self.out_proj(self.attend(q, k, v, attention_mask, prefix))
 
+    @on_one_blas_thread                                     # B * H small matmuls each
     def attend(self, q, k, v, attention_mask=None, prefix=None):
         """Causal attention of projected ``q, k, v (B, T, D)``; merged heads ``(B, T, D)``."""
         B, T, D = q.shape
@@ -200,6 +204,7 @@ class CausalSelfAttention(Module):
         dx += self.v_proj.backward(dv)
         return dx
 
+    @on_one_blas_thread
     def attend_backward(self, dy):
         """Backward of ``attend``: ``dy (B, T, D)`` -> ``(dq, dk, dv)``, each ``(B, T, D)``."""
         B, T, D = dy.shape

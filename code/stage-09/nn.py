@@ -8,7 +8,9 @@ gradients, a frozen parameter's gradient matmul is skipped.
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -16,6 +18,49 @@ from module import Module, ModuleList, Parameter, parameter_owner, set_submodule
 from validate import as_array, check_int, check_number
 
 
+# ---- BLAS threads -------------------------------------------------------------
+_BLAS = []      # threadpoolctl's handle on NumPy's BLAS, made on first use
+
+
+def blas_controller():
+    """threadpoolctl's handle on NumPy's BLAS, or ``None`` when threadpoolctl is missing."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController().select(user_api="blas"))
+    return _BLAS[0]
+
+
+@contextmanager
+def one_blas_thread():
+    """Run the matmuls inside on one BLAS thread (without threadpoolctl: as they are).
+
+    A matmul split over BLAS threads pays a hand-off between them on every call. For a
+    big product (a projection over every token of the batch) that is nothing; for a
+    stacked one -- ``np.matmul`` on ``(B, H, T, d_head)`` arrays is ``B * H`` separate
+    BLAS calls -- and for LoRA's rank-``r`` products it is most of the time, and on a
+    machine whose other core is busy each hand-off can wait for the scheduler.
+    """
+    blas = blas_controller()
+    if blas is None:
+        yield
+        return
+    with blas.limit(limits=1):
+        yield
+
+
+def on_one_blas_thread(method):
+    """Decorator: ``method`` runs inside ``one_blas_thread()``."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with one_blas_thread():
+            return method(*args, **kwargs)
+    return wrapped
+
+
+# ---- layers ---------------------------------------------------------------------
 class Linear(Module):
     """``y = x @ W.T + b`` with ``W`` of shape ``(out_features, in_features)``.
 
@@ -283,13 +328,18 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
         raise ValueError(f"target {bad[0]} out of range for {V} classes")
     count = max(int(keep.sum()), 1)
     rows, safe_t = np.arange(len(t)), np.where(keep, t, 0)
-    shifted = flat - flat.max(-1, keepdims=True)            # (N, V), log-sum-exp trick
-    probs = np.exp(shifted)                                 # (N, V)
-    sumexp = np.einsum("nv->n", probs)                      # (N,), row sums (fast einsum)
-    nll = np.log(sumexp) - shifted[rows, safe_t]            # -log p(target)
+    # With z = logits - max (the log-sum-exp trick), p = e^z / sum(e^z):
+    #   nll = log(sum e^z) - z[target],   dL/dlogits = w (p - onehot(target)),
+    # where w = keep / count is each row's share of the mean. At GPT-2 size (N, V) is
+    # 1024 x 50257 = 206 MB in float32, so the gradient is built in *one* new array,
+    # in four passes over it: z, e^z in place, the row sums, one scaling by w / sum.
+    dlogits = flat - flat.max(-1, keepdims=True)            # (N, V) z, the one new array
+    picked = dlogits[rows, safe_t]                          # (N,) z[target], before exp overwrites it
+    np.exp(dlogits, out=dlogits)                            # (N, V) e^z
+    sumexp = np.einsum("nv->n", dlogits)                    # (N,), row sums (fast einsum)
+    nll = np.log(sumexp) - picked                           # -log p(target)
     loss = float((nll * keep).sum() / count) if keep.any() else float("nan")
-    probs /= sumexp[:, None]                                # softmax
-    dlogits = probs                                         # dL/dlogits = (p - onehot) / count
-    dlogits[rows, safe_t] -= 1.0
-    dlogits *= (keep / count)[:, None].astype(flat.dtype)
+    w = keep / count                                        # (N,) 0 for ignored rows
+    dlogits *= (w / sumexp)[:, None].astype(flat.dtype)     # w p: softmax and share in one pass
+    dlogits[rows, safe_t] -= w.astype(flat.dtype)           # w (p - onehot)
     return loss, dlogits.reshape(logits.shape).astype(logits.dtype, copy=False)

@@ -161,3 +161,18 @@ def test_module_counts_parameters_once_for_every_class():
     assert [p.requires_grad for p in layer.parameters(trainable_only=False)] == [False, False, True, True]
     with pytest.raises(ValueError, match="got r=True"):
         LoRALayer(4, 3, rank=True)                      # True is not a rank, anywhere
+
+
+def test_one_blas_thread_limits_blas_inside_and_restores_it_after():
+    """The attention's per-head products and LoRA's rank-r ones run through this."""
+    from nn import blas_controller, on_one_blas_thread, one_blas_thread
+    blas = blas_controller()
+    if blas is None or not blas.info():
+        pytest.skip("threadpoolctl sees no BLAS here")
+    threads = lambda: blas.info()[0]["num_threads"]   # noqa: E731
+    with blas.limit(limits=2):
+        with one_blas_thread():
+            assert threads() == 1
+        assert threads() == 2
+        assert on_one_blas_thread(threads)() == 1
+        assert threads() == 2
