@@ -167,7 +167,7 @@ class TextSettings:
     seeds: tuple = (0, 1, 2)
     ranks: tuple = (1, 4, 8, 16, 64)             # rank sweep; r=8 is the headline run
     rank_methods: tuple = ("lora_qv", "lora_all")
-    rank_seeds: tuple = (0,)                     # one seed: see README, "what it costs"
+    rank_seeds: tuple = (0, 1)                   # the learn-forget plot's spread per rank
     fractions: tuple = (0.01, 0.1)               # of Alice's training split (1.0 is the headline)
     fraction_methods: tuple = ("full", "lora_all", "ia3")
     fraction_seeds: tuple = (0,)
@@ -365,15 +365,50 @@ def base_record(base_dir) -> dict:
     return record
 
 
+CONFIG_RATES_FILE = "config_rates.csv"
+CONFIG_RATES = os.path.join(RESULTS_DIR, "lr_sweep", CONFIG_RATES_FILE)
+
+
+@functools.lru_cache(maxsize=None)
+def config_rates(path=CONFIG_RATES) -> dict:
+    """``{(method, rank, fraction): lr}`` of ``text_sweep.py --configs`` (``{}`` without the file)."""
+    import csv
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {(r["method"], int(r["rank"]), float(r["fraction"])): float(r["lr"])
+                for r in csv.DictReader(f)}
+
+
+def config_lr(method, rank=8, fraction=1.0, fallback=False, path=CONFIG_RATES) -> float:
+    """The Alice rate of ``method`` at ``rank`` on ``fraction`` of Alice's training text:
+    ``METHODS[method].lr`` at rank 8 on all of it, else the validation sweep's choice for
+    that configuration (``config_rates.csv``). No choice there is an error, unless
+    ``fallback`` (quick runs only): then the headline rate."""
+    if (rank, fraction) == (8, 1.0):
+        return METHODS[method].lr
+    rates = config_rates(path)
+    if (method, rank, fraction) in rates:
+        return rates[(method, rank, fraction)]
+    if fallback:
+        return METHODS[method].lr
+    raise KeyError(f"no validation-chosen rate for method {method!r} at rank {rank} on fraction "
+                   f"{fraction:g} of Alice in {path}; run `python code/stage-09/text_sweep.py --configs`")
+
+
 def plan(s: TextSettings, methods, base_dir=TEXT_BASE_DIR, classify=True):
-    """Every run of the job (``jobs.execute`` hands them out longest first). The
-    learning-rate sweep plans its own runs (``text_sweep.next_runs``)."""
+    """Every run of the job (``jobs.execute`` hands them out longest first), each at its
+    configuration's rate (``config_lr``). The learning-rate sweep plans its own runs
+    (``text_sweep.next_runs``)."""
     common = dict(steps=s.steps, batch_size=s.batch_size, eval_windows=s.eval_windows,
                   window=s.window, base_dir=base_dir)
+    # QUICK (a smoke test of the code, not a measurement) may use the headline rate for a
+    # configuration the sweep has not chosen a rate for; every other plan may not.
+    lr = functools.partial(config_lr, fallback=s == QUICK)
     specs = [RunSpec(m, seed, lr=METHODS[m].lr, **common) for m in methods for seed in s.seeds]
-    specs += [RunSpec(m, seed, lr=METHODS[m].lr, rank=r, **common) for m in s.rank_methods
+    specs += [RunSpec(m, seed, lr=lr(m, r), rank=r, **common) for m in s.rank_methods
               if m in methods for r in s.ranks if r != 8 for seed in s.rank_seeds]
-    specs += [RunSpec(m, seed, lr=METHODS[m].lr, fraction=f, **common) for m in s.fraction_methods
+    specs += [RunSpec(m, seed, lr=lr(m, 8, f), fraction=f, **common) for m in s.fraction_methods
               if m in methods for f in s.fractions for seed in s.fraction_seeds]
     if classify:
         specs += [RunSpec(m, seed, s.classify_steps, s.batch_size, s.eval_windows, METHODS[m].classify_lr,

@@ -3,6 +3,7 @@
     python code/stage-09/text_sweep.py           # writes results/text/lr_sweep/
     python code/stage-09/text_sweep.py --resume  # keeps an interrupted sweep's runs
     python code/stage-09/text_sweep.py --readme  # README.md and chosen.csv from results.json
+    python code/stage-09/text_sweep.py --configs # the rank-sweep and low-data rates only
 
 (options as ``compare_text.py``'s: ``--methods``, ``--quick``, ``--workers``, ``--out``).
 
@@ -11,6 +12,8 @@ Alice's validation split after the main job's training) and ``classify_lr`` for 
 authorship task (accuracy on validation snippets, ties to the lower loss at the
 label position). The prompt-tuning starts of ``SWEEP_VARIANTS`` run on Alice beside
 ``prompt``, so its start is chosen the same way. No test split is read.
+The main job's LoRA rank sweep and low-data runs have rates of their own, chosen on
+Alice by the same rule from ``config_grid`` (``--configs``: ``text_sweep_configs.py``).
 
 The rule (``next_runs``), applied to one (task, method) whenever its runs so far are in:
 
@@ -52,9 +55,24 @@ SEEDS = {"adapt": (0,),                # Alice: one seed (the README sets gaps a
 KINDS = ("adapt", "classify")          # Alice's language model, the authorship task
 
 
-def grid(kind, method):
+def grid(kind, method, rank=8, fraction=1.0):
+    """A (task, method)'s starting rates; a rank-sweep or low-data configuration's
+    (``text_sweep_configs.py``): ``config_grid`` around the method's headline rate."""
     spec = ct.method_spec(method)
+    if (rank, fraction) != (8, 1.0):
+        return config_grid(spec.lr)
     return tuple(spec.lr_grid if kind == "adapt" else spec.classify_lr_grid)
+
+
+def config_grid(lr) -> tuple:
+    """``{lr / 3, lr, 3 lr}`` on ``LR_LADDER`` (clipped at its ends)."""
+    i = LR_LADDER.index(lr)
+    return LR_LADDER[max(0, i - 1):i + 2]
+
+
+def key_of(row) -> tuple:
+    """A run's sweep key: ``(kind, method, rank, fraction)``."""
+    return row["kind"], row["method"], row.get("rank", 8), row.get("fraction", 1.0)
 
 
 def score(kind, rows) -> tuple:
@@ -92,10 +110,10 @@ def next_runs(kind, method, rows, rates, seeds=None) -> list:
             for s in seeds if s not in {r["seed"] for r in done[lr]}]
 
 
-def run_spec(kind, method, lr, seed, s, base_dir) -> ct.RunSpec:
+def run_spec(kind, method, lr, seed, s, base_dir, rank=8, fraction=1.0) -> ct.RunSpec:
     if kind == "adapt":
         return ct.RunSpec(method, seed, s.steps, s.batch_size, s.eval_windows, lr, window=s.window,
-                          base_dir=base_dir, split="validation")
+                          rank=rank, fraction=fraction, base_dir=base_dir, split="validation")
     return ct.RunSpec(method, seed, s.classify_steps, s.batch_size, s.eval_windows, lr,
                       kind="classify", base_dir=base_dir, split="validation",
                       n_train=s.classify_train, n_test=s.classify_validation)
@@ -106,8 +124,9 @@ def run_or_diverge(spec) -> dict:
     try:
         return ct.run(spec)
     except FloatingPointError as e:
-        return {"kind": spec.kind, "method": spec.method, "seed": spec.seed, "lr": spec.lr,
-                "split": spec.split, "diverged": str(e)}
+        return {"kind": spec.kind, "method": spec.method, "rank": spec.rank,
+                "fraction": spec.fraction, "seed": spec.seed, "lr": spec.lr, "split": spec.split,
+                "diverged": str(e)}
 
 
 class _InProcess:
@@ -125,12 +144,15 @@ class _InProcess:
         return False
 
 
-def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
-    """Every run of the sweep (rows of ``compare_text.run``), each (task, method) extended
-    by ``next_runs`` until settled; ``done``: rows of an interrupted sweep to keep."""
-    variants = [v for v in ct.SWEEP_VARIANTS if any(v.startswith(m + "_") for m in methods)]
-    keys = [("adapt", m) for m in methods + variants] + [("classify", m) for m in methods]
-    rows = {k: [r for r in done if (r["kind"], r["method"]) == k] for k in keys}
+def sweep(methods, settings, base_dir, workers=2, log=None, done=(), keys=None) -> list:
+    """Every run of the sweep (rows of ``compare_text.run``), each key (``key_of``: by
+    default every (task, method) at rank 8 on all of Alice) extended by ``next_runs``
+    until settled; ``done``: rows of an interrupted sweep to keep."""
+    if keys is None:
+        variants = [v for v in ct.SWEEP_VARIANTS if any(v.startswith(m + "_") for m in methods)]
+        keys = ([("adapt", m, 8, 1.0) for m in methods + variants]
+                + [("classify", m, 8, 1.0) for m in methods])
+    rows = {k: [r for r in done if key_of(r) == k] for k in keys}
     pool = (_InProcess() if workers == 1 else
             ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
     waiting, pending, order = [], {}, iter(range(10 ** 9))
@@ -138,7 +160,7 @@ def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
         def queue(key):
             """Queue ``key``'s next runs: Alice before authorship, a widened grid's or an
             extra seed's run before the first grids' (they decide a choice sooner)."""
-            for lr, seed in next_runs(*key, rows[key], grid(*key)):
+            for lr, seed in next_runs(key[0], key[1], rows[key], grid(*key)):
                 first = lr in grid(*key) and seed == 0
                 waiting.append(((KINDS.index(key[0]), first, next(order)), key, lr, seed))
 
@@ -146,7 +168,7 @@ def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
             while waiting and len(pending) < workers:
                 waiting.sort()
                 _, key, lr, seed = waiting.pop(0)
-                spec = run_spec(*key, lr, seed, settings, base_dir)
+                spec = run_spec(key[0], key[1], lr, seed, settings, base_dir, *key[2:])
                 pending[pool.submit(jobs.timed, run_or_diverge, spec)] = key
 
         for key in keys:
@@ -168,8 +190,10 @@ def sweep(methods, settings, base_dir, workers=2, log=None, done=()) -> list:
 def note(row, log):
     what = ("diverged" if row.get("diverged") else f"Alice {row['alice_loss']:.4f}"
             if row["kind"] == "adapt" else f"accuracy {row['accuracy']:.3f}")
-    print(f"{row['kind']:<8} {row['method']:<18} lr {row['lr']:<7g} seed {row['seed']}: {what}",
-          flush=True)
+    where = ("" if key_of(row)[2:] == (8, 1.0) else
+             f" r={row.get('rank', 8)} fraction {row.get('fraction', 1.0):g}")
+    print(f"{row['kind']:<8} {row['method']:<18}{where} lr {row['lr']:<7g} seed {row['seed']}: "
+          f"{what}", flush=True)
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
@@ -321,8 +345,10 @@ def prompt_sentences(results, starts) -> list[str]:
                                                                       ", i.e. no gain") + ")."]
 
 
-def write_sweep_readme(results, out):
-    """``out/README.md`` and ``out/chosen.csv``, from a sweep's ``results.json`` alone."""
+def write_sweep_readme(results, out, configs=None):
+    """``out/README.md`` and ``out/chosen.csv``, from a sweep's ``results.json`` alone
+    (and ``configs``, the rank-sweep and low-data part's record, ``text_sweep_configs.py``)."""
+    from text_sweep_configs import readme_section
     meta, s = results["meta"], results["meta"]["settings"]
     starts, workers = meta["prompt_starts"], meta["workers"]
     pre, base = meta["base"]["pretraining"], meta["base"]
@@ -367,7 +393,7 @@ then (authorship) seed 1 for the best two rates; the best rate is the one with t
 """ + "".join(f"- {w}\n" for w in prompt_sentences(results, starts)) + (
         "" if not diverged else "\n## Diverged\n\n" + "".join(
             f"- {r['kind']} {r['method']} lr {r['lr']:g} seed {r['seed']}: {r['diverged']}\n"
-            for r in diverged)) + f"""
+            for r in diverged)) + readme_section(configs) + f"""
 ## Every rate
 
 ```
@@ -391,28 +417,14 @@ def main(methods, settings, base_dir, out, workers, command, resume=False, run_m
     import text_report as tr
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "progress.jsonl")          # removed once the results are written
-    done = []
-    if resume and os.path.exists(log):
-        with open(log) as f:
-            done = [json.loads(line) for line in f if line.strip()]
-    elif os.path.exists(log):
-        os.remove(log)
+    done = logged_runs(log, resume)
     start, load_before = time.perf_counter(), os.getloadavg()
     cpu_start, children_start = time.process_time(), jobs._children_cpu()
     base = ct.base_measurement((base_dir, settings.eval_windows, settings.window))
     starts = start_losses(base_dir, settings)
     rows = sweep(methods, settings, base_dir, workers, log, done) if run_more else done
     new = [r for r in rows if not any(r is d for d in done)]
-    wall = time.perf_counter() - start
-    cpu = time.process_time() - cpu_start + jobs._children_cpu() - children_start
-    run_cpu = [r.get("cpu_s", 0.0) for r in new]
-    timing = {"command": command, "machine": machine(), "workers": workers,   # as jobs.run_jobs
-              "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
-              "projected_idle_minutes": round((jobs.list_schedule(run_cpu, workers)
-                                               + max(cpu - sum(run_cpu), 0.0)) / 60, 2),
-              "load_before": [round(x, 2) for x in load_before],
-              "load_after": [round(x, 2) for x in os.getloadavg()],
-              "parts": {"sweep": {"runs": len(new), "run_cpu_minutes": round(sum(run_cpu) / 60, 2)}}}
+    timing = timing_record(command, workers, new, start, load_before, cpu_start, children_start)
     ok = [r for r in rows if not r.get("diverged")]
     tr.write_text_results(ok, base, out, command=command, timing=timing, settings=settings,
                           methods={**ct.METHODS, **ct.SWEEP_VARIANTS}, sweep=True, sample=ct.SAMPLE)
@@ -423,7 +435,8 @@ def main(methods, settings, base_dir, out, workers, command, resume=False, run_m
     results["meta"]["workers"], results["meta"]["prompt_starts"] = workers, starts
     results["meta"]["seed_noise"] = seed_noise()
     atomic_write_text(path, json.dumps(results, indent=1))
-    chosen = write_sweep_readme(results, out)
+    from text_sweep_configs import load_configs
+    chosen = write_sweep_readme(results, out, load_configs(out))
     os.remove(log)
     for c in chosen:
         print(f"{c['task']:<8} {c['method']:<18} lr {c['lr']:g}  tried {c['rates']}"
@@ -431,19 +444,48 @@ def main(methods, settings, base_dir, out, workers, command, resume=False, run_m
     return results
 
 
+def logged_runs(log, resume) -> list:
+    """The rows an interrupted sweep logged in ``log`` if ``resume``, else none (and no log)."""
+    if resume and os.path.exists(log):
+        with open(log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if os.path.exists(log):
+        os.remove(log)
+    return []
+
+
+def timing_record(command, workers, new, start, load_before, cpu_start, children_start) -> dict:
+    """A sweep's time, as ``jobs.run_jobs`` records the main job's (``new``: its runs)."""
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start + jobs._children_cpu() - children_start
+    run_cpu = [r.get("cpu_s", 0.0) for r in new]
+    return {"command": command, "machine": machine(), "workers": workers,
+            "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+            "projected_idle_minutes": round((jobs.list_schedule(run_cpu, workers)
+                                             + max(cpu - sum(run_cpu), 0.0)) / 60, 2),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "parts": {"sweep": {"runs": len(new), "run_cpu_minutes": round(sum(run_cpu) / 60, 2)}}}
+
+
 def cli(argv=None):
     """The command line: ``compare_text.parse_args``'s options (a partial or quick sweep
     writes under results/text_quick/), plus ``--resume``, ``--readme`` and ``--finish``."""
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = ct.parse_args(["--lr-sweep"] + [x for x in argv if x not in ("--readme", "--finish")])
+    a = ct.parse_args(["--lr-sweep"] + [x for x in argv if x not in ("--readme", "--finish", "--configs")])
     command = " ".join(["python code/stage-09/text_sweep.py"] + argv)
     if "--finish" in argv:           # an interrupted sweep's runs, nothing more run
         return main(a.methods, a.settings, a.base, a.out, a.workers, command, resume=True,
                     run_more=False)
+    if "--configs" in argv:          # the rank-sweep and low-data configurations only
+        import text_sweep_configs
+        return text_sweep_configs.main(a.methods, a.settings, a.base, a.out, a.workers, command,
+                                       resume=a.resume)
     if "--readme" in argv:
+        from text_sweep_configs import load_configs
         with open(os.path.join(a.out, "results.json")) as f:
-            write_sweep_readme(json.load(f), a.out)
+            write_sweep_readme(json.load(f), a.out, load_configs(a.out))
         return print(f"wrote {os.path.join(a.out, 'README.md')}")
     return main(a.methods, a.settings, a.base, a.out, a.workers, command, resume=a.resume)
 

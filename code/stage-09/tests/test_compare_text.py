@@ -201,6 +201,7 @@ def ranked_first(sweep):
 
 def test_the_sweeps_readme_is_generated_from_its_results(tmp_path):
     sweep = _load(SWEEP_JSON)
-    text_sweep.write_sweep_readme(sweep, str(tmp_path))
+    from text_sweep_configs import load_configs
+    text_sweep.write_sweep_readme(sweep, str(tmp_path), load_configs(os.path.dirname(SWEEP_JSON)))
     with open(os.path.join(os.path.dirname(SWEEP_JSON), "README.md")) as f:
         assert (tmp_path / "README.md").read_text() == f.read()
