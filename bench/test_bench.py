@@ -23,7 +23,9 @@ def test_benchmark_starts_from_another_directory(script, tmp_path):
 
 
 BUDGET_MINUTES = 20        # the limit for the whole main job on 2 cores
-MARGIN = 0.8               # planned to fit in 80% of it: a busier machine, a slower one
+MARGIN = 0.9               # planned to fit in 90% of it: a busier machine, a slower one.
+# The projection runs high: on 2026-12-03 it projected 17.4 min for the plan that then ran
+# in 15.8 min on 2 quiet cores (results/text/results.json, meta.job).
 
 
 def test_the_planned_main_job_fits_its_budget_on_two_idle_cores(tmp_path):
