@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 import compare_text as ct
 import jobs
-import text_sweep as ts
+import sweep_runs as sr
 from checkpoint import atomic_write_text
 from compare import LR_LADDER
 
@@ -48,15 +48,15 @@ def config_choices(runs) -> list[dict]:
     whether the choice is at an edge of the rates tried (then: at the ladder's end)."""
     groups = defaultdict(list)
     for r in runs:
-        groups[ts.key_of(r)[1:]].append(r)
+        groups[sr.key_of(r)[1:]].append(r)
     out = []
     for (method, rank, fraction), rows in groups.items():
-        done = ts.by_rate(rows)
-        ranked = sorted(done, key=lambda lr: ts.score("adapt", done[lr]))
+        done = sr.by_rate(rows)
+        ranked = sorted(done, key=lambda lr: sr.score("adapt", done[lr]))
         best, rates, headline = ranked[0], sorted(done), ct.METHODS[method].lr
         edge = best in (rates[0], rates[-1])
-        value = ts.score("adapt", done[best])[0]
-        at_headline = ts.score("adapt", done[headline])[0] if headline in done else None
+        value = sr.score("adapt", done[best])[0]
+        at_headline = sr.score("adapt", done[headline])[0] if headline in done else None
         out.append({"method": method, "rank": rank, "fraction": fraction, "lr": best,
                     "value": value, "rates": " ".join(f"{lr:g}" for lr in rates),
                     "headline_lr": headline, "value_at_headline_lr": at_headline,
@@ -112,27 +112,23 @@ is the one above, starting from the method's headline rate and its neighbours on
 
 def main(methods, settings, base_dir, out, workers, command, resume=False):
     """Run (or finish) every configuration's choice; write ``config_runs.json``,
-    ``config_rates.csv`` and, beside a headline sweep's ``results.json``, its README."""
+    ``config_rates.csv`` (``text_sweep.py --configs`` then rewrites the sweep README)."""
     from report import write_csv
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "config_progress.jsonl")      # removed once the results are written
-    done = ts.logged_runs(log, resume)
+    done = sr.logged_runs(log, resume)
     start, load_before = time.perf_counter(), os.getloadavg()
     cpu_start, children_start = time.process_time(), jobs._children_cpu()
-    rows = ts.sweep(methods, settings, base_dir, workers, log, done,
+    rows = sr.sweep(methods, settings, base_dir, workers, log, done,
                     keys=config_keys(settings, methods))
     new = [r for r in rows if not any(r is d for d in done)]
-    timing = ts.timing_record(command, workers, new, start, load_before, cpu_start, children_start)
+    timing = sr.timing_record(command, workers, new, start, load_before, cpu_start, children_start)
     record = {"meta": {"timing": timing, "settings": asdict(settings),
                        "base": ct.base_record(base_dir), "resumed": len(rows) - len(new)},
               "runs": rows}
     atomic_write_text(os.path.join(out, RUNS_FILE), json.dumps(record, indent=1))
     chosen = config_choices(rows)
     write_csv(os.path.join(out, ct.CONFIG_RATES_FILE), chosen)
-    headline = os.path.join(out, "results.json")
-    if os.path.exists(headline):
-        with open(headline) as f:
-            ts.write_sweep_readme(json.load(f), out, record)
     os.remove(log)
     for c in chosen:
         print(f"{c['method']:<10} r={c['rank']:<3} fraction {c['fraction']:<5g} lr {c['lr']:g}  "
