@@ -286,6 +286,10 @@ def read_adapter_dir(directory, model):
         tensors[name], keys[name] = arr, key
     if PROMPT_KEY in file_tensors:                     # peft's numbering unless we said otherwise
         raw.setdefault("position_convention", "shift")
+        if raw.get("prompt_tuning_init") == "TEXT" and not raw.get("prompt_tuning_init_token_ids"):
+            # peft's TEXT start names a text and a tokenizer (prompt_tuning_init_text,
+            # tokenizer_name_or_path), not ids; the saved prompt replaces any start anyway
+            raw["prompt_tuning_init"] = "RANDOM"
     if raw.get("peft_type") in ("LORA", "IA3") and any(k.startswith(ADAPTER_PREFIX) for k in file_tensors):
         config = _config_from_hf(raw, tensors, {n: a.shape for n, a in tensors.items()}, model)
     else:

@@ -15,7 +15,7 @@ import pytest
 from checkpoint import load_metadata, load_tensors, save_tensors
 from minigpt import GPT, GPTConfig
 from peft_model import (BottleneckConfig, LoraConfig, PeftModel, PrefixTuningConfig,
-                        get_peft_model)
+                        PromptTuningConfig, get_peft_model)
 
 CFG = GPTConfig(vocab_size=16, context_length=8, d_model=16, n_layers=2, n_heads=2)
 
@@ -180,3 +180,15 @@ def test_configs_that_do_not_fit_the_model_are_refused_before_anything_changes(c
 def test_lora_config_checks_types(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+def test_a_prompt_saved_with_peft_text_init_loads(tmp_path):
+    """peft writes a TEXT-started prompt's config with the text and a tokenizer's name, no
+    ids: the saved prompt is what counts, so it loads and gives the same logits."""
+    model, directory = saved(tmp_path, PromptTuningConfig(num_virtual_tokens=3))
+    edit_config(directory, lambda raw: raw.update(prompt_tuning_init="TEXT",
+                                                  prompt_tuning_init_text="said Alice",
+                                                  tokenizer_name_or_path="gpt2"))
+    loaded = PeftModel.from_pretrained(GPT(CFG, seed=1), directory)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 4))
+    np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
