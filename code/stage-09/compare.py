@@ -301,13 +301,7 @@ def plan(methods, tasks, seeds, steps, quick=False, rank_sweep=True, lr_sweep=Fa
 
 def output_dir(out, full, lr_sweep):
     """Where results go: only a full run may write the committed ``results/``."""
-    committed = SWEEP_DIR if lr_sweep else RESULTS_DIR
-    if out is None:
-        return committed if full else os.path.join(QUICK_DIR, "lr_sweep" if lr_sweep else "")
-    if not full and os.path.realpath(out) in {os.path.realpath(RESULTS_DIR), os.path.realpath(SWEEP_DIR)}:
-        raise SystemExit(f"--out {out}: a quick or partial run may not overwrite the committed "
-                         f"full results; leave --out unset (it writes to {QUICK_DIR})")
-    return out
+    return jobs.output_dir(out, full, lr_sweep, RESULTS_DIR, QUICK_DIR)
 
 
 def parse_args(argv=None):
@@ -326,10 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-sweep", action="store_true", help="instead of the comparison, sweep "
                    "learning rates on the validation split (seed 0) and write the chosen table")
     a = p.parse_args(argv)
-    a.methods = a.methods.split(",")
-    unknown = [m for m in a.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    a.methods = jobs.method_list(a.methods, METHODS)
     a.tasks = (["add3"] if a.quick and a.tasks == ",".join(DOWNSTREAM_TASKS)
                else a.tasks.split(","))
     a.seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]

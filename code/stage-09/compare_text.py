@@ -451,10 +451,7 @@ def parse_args(argv=None):
                    "results/text/lr_sweep/ with --lr-sweep; results/text_quick/ for --quick or "
                    "any partial run)")
     a = p.parse_args(argv)
-    a.methods = a.methods.split(",")
-    unknown = [m for m in a.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    a.methods = jobs.method_list(a.methods, METHODS)
     a.settings = QUICK if a.quick else SETTINGS
     if a.steps is not None:
         if a.steps < 1:
@@ -462,13 +459,7 @@ def parse_args(argv=None):
         a.settings = replace(a.settings, steps=a.steps)
     a.full = (a.settings == SETTINGS and a.methods == list(METHODS)
               and os.path.realpath(a.base) == os.path.realpath(TEXT_BASE_DIR))
-    committed = os.path.join(RESULTS_DIR, "lr_sweep") if a.lr_sweep else RESULTS_DIR
-    if a.out is None:
-        a.out = committed if a.full else os.path.join(QUICK_DIR, "lr_sweep" if a.lr_sweep else "")
-    elif not a.full and os.path.realpath(a.out) in {
-            os.path.realpath(d) for d in (RESULTS_DIR, os.path.join(RESULTS_DIR, "lr_sweep"))}:
-        raise SystemExit(f"--out {a.out}: --quick or a partial run never writes the full results; "
-                         f"leave --out unset (it writes to {QUICK_DIR})")
+    a.out = jobs.output_dir(a.out, a.full, a.lr_sweep, RESULTS_DIR, QUICK_DIR)
     a.command = " ".join(["python code/stage-09/compare_text.py"] + list(
         argv if argv is not None else sys.argv[1:]))
     return a

@@ -191,3 +191,26 @@ def job_sentence(timing) -> str:
             f"{timing['load_before'][0]:.2f} before, {timing['load_after'][0]:.2f} after); "
             f"{timing['cpu_minutes']:.1f} CPU minutes in all, which on {timing['workers']} idle "
             f"cores projects to {timing['projected_idle_minutes']:.1f} min")
+
+
+# ---- the runners' shared command-line rules ---------------------------------------
+def method_list(text: str, known) -> list:
+    """``--methods a,b`` as a list; a name not in ``known`` stops the run, naming the choices."""
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
+    return methods
+
+
+def output_dir(out, full: bool, lr_sweep: bool, results_dir: str, quick_dir: str) -> str:
+    """Where a comparison's results go: only a full run may write the committed
+    ``results_dir`` (or its ``lr_sweep/``); by default anything else goes to ``quick_dir``."""
+    sweep_dir = os.path.join(results_dir, "lr_sweep")
+    if out is None:
+        return (sweep_dir if lr_sweep else results_dir) if full else \
+            os.path.join(quick_dir, "lr_sweep" if lr_sweep else "")
+    if not full and os.path.realpath(out) in {os.path.realpath(results_dir), os.path.realpath(sweep_dir)}:
+        raise SystemExit(f"--out {out}: a quick or partial run may not overwrite the committed "
+                         f"full results; leave --out unset (it writes to {quick_dir})")
+    return out

@@ -73,7 +73,7 @@ def test_plan_counts_every_run():
 
 
 def test_quick_never_writes_the_full_results():
-    with pytest.raises(SystemExit, match="never writes the full results"):
+    with pytest.raises(SystemExit, match="may not overwrite the committed full results"):
         ct.main(["--quick", "--out", ct.RESULTS_DIR])
     with pytest.raises(SystemExit, match="unknown method"):
         ct.main(["--quick", "--methods", "lora_all,nonsense"])

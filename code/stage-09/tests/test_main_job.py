@@ -58,7 +58,7 @@ def test_partial_text_runs_default_to_quick_and_refuse_the_full_results(argv):
     assert not a.full
     assert os.path.realpath(a.out).startswith(os.path.realpath(compare_text.QUICK_DIR))
     for committed in (compare_text.RESULTS_DIR, os.path.join(compare_text.RESULTS_DIR, "lr_sweep")):
-        with pytest.raises(SystemExit, match="never writes the full results"):
+        with pytest.raises(SystemExit, match="may not overwrite the committed full results"):
             compare_text.parse_args(argv + ["--out", committed])
 
 
