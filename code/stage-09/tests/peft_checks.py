@@ -101,6 +101,19 @@ def gradcheck_peft(model, tokens, targets, attention_mask=None, tol=1e-6, max_en
                             loss_only or reference, arrays, tol=tol, max_entries=max_entries)
 
 
+def parameter_snapshot(model):
+    """Copies of every parameter, by name (to compare with after an operation)."""
+    return {n: p.copy() for n, p in model.named_parameters()}
+
+
+def assert_parameters_equal(model, before, what="changed"):
+    """The model has exactly the parameters of ``before`` (names and values)."""
+    now = dict(model.named_parameters())
+    assert set(now) == set(before), "the parameter names changed"
+    for name, value in before.items():
+        assert np.array_equal(now[name], value), f"{name} {what}"
+
+
 def frozen_snapshot(model):
     """Copies of every frozen parameter, by name."""
     trainable = {n for n, _ in model.named_parameters(trainable_only=True)}

@@ -22,18 +22,10 @@ import pretrain_text
 from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, load_into, load_model,
                         load_tensors, save_model, save_tensors)
 from minigpt import GPT, GPTConfig
+from peft_checks import assert_parameters_equal, parameter_snapshot
 from peft_model import LoraConfig, get_peft_model
 
 CFG = GPTConfig(vocab_size=16, context_length=8, d_model=8, n_layers=1, n_heads=2)
-
-
-def params(model):
-    return {n: p.copy() for n, p in model.named_parameters()}
-
-
-def assert_same(model, expected):
-    for name, p in model.named_parameters():
-        assert np.array_equal(p, expected[name]), f"{name} differs from the expected save"
 
 
 class Boom(RuntimeError):
@@ -60,7 +52,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_save(tmp_path, monkeypat
         save_model(new, tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]          # no temporary directory left
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted([CONFIG_NAME, "README.md", WEIGHTS_NAME])
-    assert_same(load_model(tmp_path / "ckpt"), params(old))
+    assert_parameters_equal(load_model(tmp_path / "ckpt"), parameter_snapshot(old), "differs from the expected save")
 
 
 def test_a_successful_save_replaces_the_files_and_keeps_the_others(tmp_path, exchange):
@@ -70,7 +62,7 @@ def test_a_successful_save_replaces_the_files_and_keeps_the_others(tmp_path, exc
     (tmp_path / "ckpt" / "runs").mkdir()
     (tmp_path / "ckpt" / "runs" / "log.txt").write_text("step 1")
     save_model(new, tmp_path / "ckpt")
-    assert_same(load_model(tmp_path / "ckpt"), params(new))
+    assert_parameters_equal(load_model(tmp_path / "ckpt"), parameter_snapshot(new), "differs from the expected save")
     assert (tmp_path / "ckpt" / "README.md").read_text() == "my notes"
     assert (tmp_path / "ckpt" / "runs" / "log.txt").read_text() == "step 1"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -128,10 +120,10 @@ def test_a_checkpoint_with_a_tensor_missing_is_refused_and_the_model_unchanged(t
     save_tensors(tmp_path / WEIGHTS_NAME, tensors,
                  metadata=checkpoint.load_metadata(tmp_path / WEIGHTS_NAME))
     target = GPT(CFG, seed=2)
-    before = params(target)
+    before = parameter_snapshot(target)
     with pytest.raises(ValueError, match="missing tensors: layers.0.mlp.fc2.bias"):
         load_into(target, tmp_path)
-    assert_same(target, before)
+    assert_parameters_equal(target, before, "differs from the expected save")
     with pytest.raises(ValueError, match="missing tensors: layers.0.mlp.fc2.bias"):
         load_model(tmp_path)
 
@@ -151,7 +143,7 @@ def test_without_an_exchange_a_failed_second_rename_puts_the_old_directory_back(
         save_model(GPT(CFG, seed=2), tmp_path / "ckpt")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    assert_same(load_model(tmp_path / "ckpt"), params(old))
+    assert_parameters_equal(load_model(tmp_path / "ckpt"), parameter_snapshot(old), "differs from the expected save")
 
 
 # ---- every multi-file save of the code base uses atomic_directory ---------------------

@@ -11,21 +11,13 @@ from checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, copy_into,
                         load_json, load_metadata, load_model, load_tensors, save_json, save_model,
                         save_tensors)
 from minigpt import GPT, GPTConfig
+from peft_checks import assert_parameters_equal, parameter_snapshot
 
 
 def small(seed=0, **overrides):
     config = dict(vocab_size=64, context_length=16, d_model=16, n_layers=2, n_heads=2)
     config.update(overrides)
     return GPT(GPTConfig(**config), seed=seed)
-
-
-def snapshot(model):
-    return {n: p.copy() for n, p in model.named_parameters()}
-
-
-def assert_unchanged(model, before):
-    for name, p in model.named_parameters():
-        assert np.array_equal(p, before[name]), f"{name} changed"
 
 
 def test_model_round_trip_is_exact(tmp_path):
@@ -35,7 +27,7 @@ def test_model_round_trip_is_exact(tmp_path):
     assert json.loads((tmp_path / CONFIG_NAME).read_text()) == model.config.to_dict()
     loaded = load_model(tmp_path)
     assert loaded.config == model.config
-    assert_unchanged(loaded, snapshot(model))
+    assert_parameters_equal(loaded, parameter_snapshot(model))
     tokens = np.random.default_rng(0).integers(0, 64, (2, 9))
     np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
 
@@ -45,7 +37,7 @@ def test_float64_model_round_trip(tmp_path):
     save_model(model, tmp_path)
     loaded = load_model(tmp_path)
     assert loaded.embed_tokens.weight.dtype == np.float64
-    assert_unchanged(loaded, snapshot(model))
+    assert_parameters_equal(loaded, parameter_snapshot(model))
 
 
 def test_tensors_round_trip_with_metadata(tmp_path):
@@ -105,19 +97,19 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path):
     tensors["ln_f.bias"] = np.zeros(17, np.float32)        # last in order: all others "fit"
     save_tensors(tmp_path / WEIGHTS_NAME, tensors,
                  metadata=load_metadata(tmp_path / WEIGHTS_NAME))
-    before = snapshot(target)
+    before = parameter_snapshot(target)
     with pytest.raises(ValueError, match=r"ln_f.bias: shape \(17,\) in .*, expected \(16,\)"):
         load_into(target, tmp_path)
-    assert_unchanged(target, before)
+    assert_parameters_equal(target, before)
 
 
 def test_config_mismatch(tmp_path):
     save_model(small(), tmp_path)
     other = small(d_model=32)
-    before = snapshot(other)
+    before = parameter_snapshot(other)
     with pytest.raises(ValueError, match="config mismatch.*d_model: 16 vs 32"):
         load_into(other, tmp_path)
-    assert_unchanged(other, before)
+    assert_parameters_equal(other, before)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())  # json edited, weights not
     config["n_heads"] = 4
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
@@ -141,10 +133,10 @@ def test_copy_into_accepts_a_subset_and_validates_it():
     new_bias = np.full(16, 0.5, np.float32)
     copy_into(model, {"ln_f.bias": new_bias})
     np.testing.assert_array_equal(model.ln_f.bias, new_bias)
-    before = snapshot(model)
+    before = parameter_snapshot(model)
     with pytest.raises(ValueError, match="unexpected tensors: lora_A"):
         copy_into(model, {"ln_f.weight": np.zeros(16, np.float32), "lora_A": np.zeros(2)})
-    assert_unchanged(model, before)
+    assert_parameters_equal(model, before)
 
 
 def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):

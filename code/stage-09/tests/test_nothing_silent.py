@@ -12,6 +12,7 @@ import pytest
 
 from data_parallel import DataParallel
 from minigpt import GPT, GPTConfig
+from peft_checks import assert_parameters_equal, parameter_snapshot
 from nn import Linear, set_submodule
 from optim import SGD, AdamW
 from peft_model import LoraConfig, get_peft_model
@@ -23,17 +24,6 @@ CFG = GPTConfig(vocab_size=13, context_length=10, d_model=16, n_layers=2, n_head
                 dtype=np.float64)
 
 
-def params(model):
-    return {n: p.copy() for n, p in model.named_parameters()}
-
-
-def assert_unchanged(model, before):
-    now = dict(model.named_parameters())
-    assert set(now) == set(before), "the parameter names changed"
-    for name, value in before.items():
-        assert np.array_equal(now[name], value), f"{name} changed"
-
-
 def batch(B=4, T=8, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, CFG.vocab_size, (B, T)), rng.integers(0, CFG.vocab_size, (B, T))
@@ -43,7 +33,7 @@ def batch(B=4, T=8, seed=0):
 def test_a_nan_in_the_last_linear_quantizes_nothing():
     model = GPT(CFG, seed=0)
     model.get_parameter("layers.1.mlp.fc2.weight")[3, 5] = np.nan   # the last target
-    before, modules = params(model), dict(model.named_modules())
+    before, modules = parameter_snapshot(model), dict(model.named_modules())
     with pytest.raises(ValueError, match=r"cannot quantize layers.1.mlp.fc2 \(nothing was "
                                          r"quantized\): weight must be finite: found nan"):
         quantize_model(model, blocksize=8)
@@ -80,13 +70,13 @@ def test_training_stops_at_the_first_non_finite_gradient_and_names_step_and_para
     try:
         optimizer = AdamW(model, lr=1e-3)
         train(model, examples, steps=2, batch_size=4, optimizer=optimizer, progress=False)
-        before = params(model)
+        before = parameter_snapshot(model)
         with pytest.raises(FloatingPointError, match=r"at step 1: loss [0-9.]+, gradient norm nan; "
                                                      r"first non-finite gradient: layers.1.mlp.fc1.weight"):
             train(model, examples, steps=3, batch_size=4, optimizer=optimizer, progress=False)
     finally:
         Linear.backward = real
-    assert_unchanged(model, before)                 # the NaN step updated nothing
+    assert_parameters_equal(model, before)                 # the NaN step updated nothing
 
 
 def test_training_stops_at_a_non_finite_loss():
