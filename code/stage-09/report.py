@@ -61,6 +61,21 @@ def format_table(summary, base) -> str:
     return "\n".join(lines)
 
 
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a results CSV with numbers as ``int`` / ``float`` (the rest as text)."""
+    with open(path, newline="") as f:
+        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def write_csv(path, rows):
     if not rows:
         return

@@ -12,13 +12,13 @@ built from the numbers, so it says whatever the measurement says.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import asdict
 
 import compare_text as ct
 import text_report as tr
+from report import read_csv
 
 # A method counts as having *learned* Alice when it closed at least this share of full
 # fine-tuning's drop in Alice's loss; the cost rows (smallest file, least memory, fastest
@@ -29,21 +29,6 @@ FALLBACK_METHODS = ("full", "lora_all", "ia3", "houlsby", "prompt", "bitfit", "l
 
 
 # ---- reading the results ------------------------------------------------------------
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_csv(path) -> list[dict]:
-    """Rows of a results CSV with numbers as ``int`` / ``float`` (the rest as text)."""
-    with open(path, newline="") as f:
-        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def load(directory=ct.RESULTS_DIR):
     """``{"summary", "classification", "base", "meta"}`` of the comparison in ``directory``
     (``summary.csv``, ``classification.csv``, and ``results.json`` for the base's losses and
