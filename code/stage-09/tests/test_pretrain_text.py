@@ -71,7 +71,10 @@ def test_readmes_quote_the_shipped_report():
               f"{g['tokens_per_second_cached']:,.0f} tokens/s", f"{g['tokens_per_second_uncached']:,.0f}",
               f"{report['cost']['cpu_seconds_per_step']:.2f} s per step",
               f"{report['unseen_characters']['alice_loss_on_seen_characters']:.2f} nats on characters",
-              f"{report['unseen_characters']['alice_loss_on_unseen_characters']:.2f} on `"]
+              f"{report['unseen_characters']['alice_loss_on_unseen_characters']:.2f} on `",
+              f"load average {min(report['load_average_during_run']):.2f}-"
+              f"{max(report['load_average_during_run']):.2f}",
+              f"measured at load {g['load_average']:.1f})"]
     missing = [q for q in quoted if q not in readme]
     assert not missing, f"README.md should quote {missing} (from pretrained_text/{REPORT_NAME})"
     # the budgets: validation <= 1.55 nats/char, regeneration <= 45 min on 2 cores
